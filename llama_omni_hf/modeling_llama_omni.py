@@ -1,0 +1,475 @@
+"""LLaMA-Omni (arXiv 2409.06666) as transformers remote code.
+
+Glossary (paper term -> attribute -> original checkpoint key):
+    speech encoder  -> `speech_encoder` (transformers WhisperEncoder) -> `model.speech_encoder.*` (openai-whisper names)
+    speech adaptor  -> `speech_adaptor`                               -> `model.speech_projector.*`
+    LLM             -> `model` + `lm_head` (Llama names kept)         -> `model.*`, `lm_head`
+    speech decoder  -> `unit_decoder` (CTC, non-autoregressive)       -> `speech_generator.*`
+    vocoder         -> `vocoder` (unit HiFi-GAN, optional)            -> fairseq `g_00500000` `generator.*`
+
+Data flow: 16 kHz audio -> 128x3000 log-mel -> encoder [B,1500,1280] -> adaptor (5 frames concatenated,
+FFN) [B,300,4096] spliced over the `<speech>` placeholders -> Llama -> text; the final-norm hidden state that
+predicted each text token -> upsampled x25 -> causal unit decoder -> CTC argmax -> collapsed HuBERT units ->
+vocoder -> 16 kHz speech.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, LlamaModel, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .configuration_llama_omni import LlamaOmniConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LlamaOmniCausalLMOutput(ModelOutput):
+    """Output of [`LlamaOmniForConditionalGeneration.forward`].
+
+    loss: `lm_loss + ctc_loss_weight * ctc_loss` over the terms whose targets were given (stage 2: CTC only).
+    logits: [B, L, vocab] text logits. unit_logits: [B, N*lambda, unit_vocab_size + 1] when unit targets are given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    ctc_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    unit_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LlamaOmniGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate(..., return_dict_in_generate=True)`: the usual fields plus, per batch item,
+    `units` (LongTensor [n_units], collapsed CTC units of the answer) and `audio`
+    (FloatTensor [n_samples], 16 kHz, when `return_audio`; empty tensors for an answer without units)."""
+
+    units: list[torch.LongTensor] | None = None
+    audio: list[torch.FloatTensor] | None = None
+
+
+@dataclass
+class LlamaOmniUnitStreamState:
+    """Incremental unit decoding during generation; owned by the caller, modules hold weights only.
+
+    One LLM step yields one final-norm state per row; the unit decoder consumes it with its own KV cache,
+    so the units of text token t are final in the same step (the decoder is causal, spec section 4).
+    """
+
+    eos_token_ids: torch.LongTensor
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    step: int = 0
+    finished: torch.BoolTensor | None = None  # [B] row emitted EOS: later states are not part of its answer
+    last_frame: torch.LongTensor | None = None  # [B] last CTC frame class, to collapse across step boundaries
+    num_states: torch.LongTensor | None = None  # [B] states consumed per row (= answer tokens incl. EOS)
+    units: list[list[int]] = field(default_factory=list)
+    on_step: object | None = None  # optional callback(new_units: list[list[int]], state) after each step
+
+
+class LlamaOmniSpeechAdaptor(nn.Module):
+    """Concatenate k consecutive encoder frames, then Linear -> ReLU -> Linear (paper section 2.2)."""
+
+    def __init__(self, config: LlamaOmniConfig):
+        super().__init__()
+        self.k = config.speech_adaptor_downsample_rate
+        encoder_dim = config.speech_encoder_config.d_model
+        self.linear1 = nn.Linear(encoder_dim * self.k, config.speech_adaptor_hidden_size)
+        self.linear2 = nn.Linear(config.speech_adaptor_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        batch, frames, dim = encoder_states.shape
+        frames -= frames % self.k  # original: trailing frames that do not fill a group are dropped
+        x = encoder_states[:, :frames].reshape(batch, frames // self.k, dim * self.k)  # [B, T/k, k*C]
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+def collapse_units(frames: list[int], blank: int) -> list[int]:
+    """CTC collapse: merge consecutive repeats FIRST, then drop blanks ("5 _ 5" -> "5 5"), as the original."""
+    units, previous = [], None
+    for frame in frames:
+        if frame != previous and frame != blank:
+            units.append(frame)
+        previous = frame
+    return units
+
+
+class LlamaOmniUnitDecoder(nn.Module):
+    """Non-autoregressive CTC unit decoder ("speech decoder" in the paper, `speech_generator` originally).
+
+    input_proj -> Llama decoder layers (causal, RoPE of the LLM) -> NO final norm -> output_proj over
+    unit_vocab_size + 1 classes (blank = unit_vocab_size).
+    """
+
+    def __init__(self, config: LlamaOmniConfig):
+        super().__init__()
+        self.config = config.unit_decoder_config
+        self.upsample_factor = config.unit_decoder_upsample_factor
+        self.blank_id = config.unit_vocab_size
+        self.input_proj = nn.Linear(config.text_config.hidden_size, self.config.hidden_size)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(self.config, i) for i in range(self.config.num_hidden_layers)]
+        )
+        self.rotary_emb = LlamaRotaryEmbedding(config=self.config)
+        self.output_proj = nn.Linear(self.config.hidden_size, config.unit_vocab_size + 1)
+
+    def _attention_mask(self, key_padding: torch.Tensor | None, q_len: int, kv_len: int, batch: int, dtype, device):
+        # Explicit causal mask: eager attention with mask=None would NOT be causal (spec section 3).
+        min_value = torch.finfo(dtype).min
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        allowed = causal[None, None].expand(batch, 1, q_len, kv_len)
+        if key_padding is not None:  # [B, kv_len], True = real position
+            allowed = allowed & key_padding[:, None, None, :].bool()
+            # padded query rows would attend to nothing: let them see themselves to avoid NaN
+            diagonal = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len) == torch.arange(kv_len, device=device)
+            allowed = allowed | diagonal
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, min_value)
+
+    def forward(
+        self,
+        upsampled_states: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """upsampled_states: [B, T, H_llm] (already repeated lambda times) -> CTC logits [B, T, K+1]."""
+        batch, q_len, _ = upsampled_states.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        hidden = self.input_proj(upsampled_states)
+        # positions restart at 0 for the decoder and run on across steps when cached
+        position_ids = torch.arange(past, past + q_len, device=hidden.device)[None].expand(batch, -1)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        mask = self._attention_mask(key_padding_mask, q_len, past + q_len, batch, hidden.dtype, hidden.device)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                position_embeddings=position_embeddings,
+            )
+        return self.output_proj(hidden)
+
+    def upsample(self, states: list[torch.Tensor], target_lengths: torch.Tensor | None = None):
+        """Repeat each state lambda times (training: stretch uniformly to the unit target length when that is
+        longer, as the original `_uniform_assignment`). Returns [B, T, H] and a key padding mask [B, T]."""
+        src_lengths = torch.tensor([len(s) for s in states], device=states[0].device)
+        up_lengths = src_lengths * self.upsample_factor
+        if target_lengths is not None:
+            up_lengths = torch.maximum(up_lengths, target_lengths.to(up_lengths.device))
+        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # [B, N, H]
+        positions = torch.arange(int(up_lengths.max()), device=padded.device)[None]
+        key_padding = positions < up_lengths[:, None]  # [B, T]
+        ratio = up_lengths.double() / src_lengths.clamp(min=1).double()
+        index = (positions.double() / ratio[:, None]).long().masked_fill(~key_padding, 0)
+        upsampled = padded.gather(1, index[..., None].expand(-1, -1, padded.shape[-1]))
+        return upsampled.masked_fill(~key_padding[..., None], 0.0), key_padding
+
+    def ctc_loss(self, states: list[torch.Tensor], unit_labels: torch.Tensor):
+        """Stage-2 loss (original `SpeechGeneratorCTC.forward`): sum over the batch / total target length."""
+        target_lengths = unit_labels.ne(IGNORE_INDEX).sum(-1)
+        upsampled, key_padding = self.upsample(states, target_lengths)
+        logits = self(upsampled, key_padding)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        targets = unit_labels[unit_labels.ne(IGNORE_INDEX)]
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            key_padding.sum(-1),
+            target_lengths,
+            blank=self.blank_id,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        return loss / target_lengths.sum().clamp(min=1), logits
+
+    @torch.no_grad()
+    def predict(self, states: torch.Tensor) -> list[int]:
+        """Offline prediction for one answer: states [N, H] -> collapsed units (the original's full recompute)."""
+        if states.shape[0] == 0:
+            return []
+        upsampled = states.repeat_interleave(self.upsample_factor, dim=0)[None]
+        frames = self(upsampled).float().argmax(-1)[0].tolist()
+        return collapse_units(frames, self.blank_id)
+
+
+class LlamaOmniPreTrainedModel(PreTrainedModel):
+    config_class = LlamaOmniConfig
+    config: LlamaOmniConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "WhisperEncoderLayer", "LlamaOmniVocoder"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # the unit decoder needs an explicit 4D causal mask
+    _supports_attention_backend = True
+
+
+class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixin):
+    """Speech in, text + units (+ audio with a vocoder) out. See the module docstring for the glossary."""
+
+    def __init__(self, config: LlamaOmniConfig):
+        super().__init__(config)
+        self.speech_encoder = WhisperEncoder(config.speech_encoder_config)
+        self.speech_adaptor = LlamaOmniSpeechAdaptor(config)
+        self.model = LlamaModel(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.unit_decoder = LlamaOmniUnitDecoder(config)
+        self.vocoder = None
+        if config.vocoder_config is not None:
+            from .vocoder_llama_omni import LlamaOmniVocoder
+
+            self.vocoder = LlamaOmniVocoder(config.vocoder_config)
+        self.training_stage = None
+        self.post_init()
+
+    # --- embeddings (so resize_token_embeddings and Llama tooling work) ---
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # --- training stages (paper section 3.3) ---
+    def set_training_stage(self, stage: int | None):
+        """1: train adaptor + LLM (encoder and unit decoder frozen). 2: train only the unit decoder.
+        None: everything trainable. The vocoder is never trained here."""
+        if stage not in (1, 2, None):
+            raise ValueError(f"training stage must be 1, 2 or None, got {stage!r}")
+        trainable = {
+            1: ("speech_adaptor", "model", "lm_head"),
+            2: ("unit_decoder",),
+            None: ("speech_encoder", "speech_adaptor", "model", "lm_head", "unit_decoder"),
+        }[stage]
+        for name, module in self.named_children():
+            module.requires_grad_(name in trainable)
+        self.training_stage = stage
+        return self
+
+    # --- speech input ---
+    def get_speech_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """[n_audio, 128, 3000] log-mel -> [n_audio, 300, hidden] adaptor outputs."""
+        encoder_dtype = self.speech_encoder.conv1.weight.dtype
+        encoder_states = self.speech_encoder(input_features.to(encoder_dtype)).last_hidden_state  # [n, 1500, 1280]
+        return self.speech_adaptor(encoder_states.to(self.speech_adaptor.linear1.weight.dtype))
+
+    def _embed_with_speech(self, input_ids: torch.LongTensor, input_features: torch.Tensor | None):
+        is_speech = input_ids == self.config.speech_token_id
+        # the placeholder id may lie outside the vocabulary: embed a harmless id, then overwrite
+        embeds = self.model.embed_tokens(input_ids.masked_fill(is_speech, 0))
+        n_placeholders = int(is_speech.sum())
+        if input_features is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"input_ids contain {n_placeholders} <speech> placeholders but no `input_features` were given; "
+                    "build both with the LlamaOmniProcessor"
+                )
+            return embeds
+        features = self.get_speech_features(input_features)  # [n_audio, 300, H]
+        if features.shape[0] * features.shape[1] != n_placeholders:
+            raise ValueError(
+                f"got {features.shape[0]} audio inputs ({features.shape[0] * features.shape[1]} speech positions) but "
+                f"{n_placeholders} <speech> placeholders in input_ids; each audio needs exactly "
+                f"{self.config.speech_tokens_per_audio} (use the LlamaOmniProcessor)"
+            )
+        # original splicing: the 300 vectors replace the placeholder, positions run straight through
+        return embeds.masked_scatter(is_speech[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        unit_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        unit_stream: LlamaOmniUnitStreamState | None = None,
+        **kwargs,
+    ) -> LlamaOmniCausalLMOutput:
+        r"""
+        input_features: [n_audio, 128, 3000] log-mel from the processor, one per `<speech>` slot.
+        labels: [B, L] text targets (-100 = ignore), unshifted as in transformers; gives the LM loss (stage 1).
+        unit_labels: [B, U] unit targets (-100 padded); with `labels`, gives the CTC loss (stage 2) on the
+            final-norm states at the response positions (where labels != -100), as the original.
+        unit_stream: used by `generate` to decode units incrementally; leave None.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if unit_labels is not None and labels is None:
+            raise ValueError("`unit_labels` need `labels`: the CTC loss reads the states at the response positions")
+        if inputs_embeds is None:
+            inputs_embeds = self._embed_with_speech(input_ids, input_features)
+        self.unit_decoder.config._attn_implementation = self.config._attn_implementation
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # after the final RMSNorm: what lm_head and the unit decoder read
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+
+        lm_loss = ctc_loss = unit_logits = None
+        if labels is not None and self.training_stage != 2:
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=IGNORE_INDEX,
+            )
+        if unit_labels is not None:
+            # original: states AT the label positions (not shifted), one per response token
+            states = [h[l != IGNORE_INDEX] for h, l in zip(hidden, labels.to(hidden.device))]
+            ctc_loss, unit_logits = self.unit_decoder.ctc_loss(states, unit_labels.to(hidden.device))
+        loss = None
+        if lm_loss is not None or ctc_loss is not None:
+            loss = (lm_loss if lm_loss is not None else 0.0) + (
+                self.config.ctc_loss_weight * ctc_loss if ctc_loss is not None else 0.0
+            )
+        if unit_stream is not None:
+            self._unit_stream_step(unit_stream, input_ids, hidden[:, -1:])
+        return LlamaOmniCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            ctc_loss=ctc_loss,
+            logits=logits,
+            unit_logits=unit_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    # --- incremental units during generation ---
+    def init_unit_stream(self, batch_size: int, eos_token_id, on_step=None) -> LlamaOmniUnitStreamState:
+        eos = [] if eos_token_id is None else eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        device = self.lm_head.weight.device
+        return LlamaOmniUnitStreamState(
+            eos_token_ids=torch.tensor(eos, dtype=torch.long, device=device),
+            finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            last_frame=torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            num_states=torch.zeros(batch_size, dtype=torch.long, device=device),
+            units=[[] for _ in range(batch_size)],
+            on_step=on_step,
+        )
+
+    def _unit_stream_step(self, state: LlamaOmniUnitStreamState, input_ids, last_state: torch.Tensor):
+        """Consume this step's state [B, 1, H]: the one that predicts the next text token."""
+        if state.step > 0 and input_ids is not None:
+            # the token fed now was generated last step; after an EOS the row's answer is complete
+            state.finished |= torch.isin(input_ids[:, -1], state.eos_token_ids)
+        state.step += 1
+        active = ~state.finished
+        new_units = [[] for _ in range(last_state.shape[0])]
+        if active.any():
+            upsampled = last_state.repeat_interleave(self.unit_decoder.upsample_factor, dim=1)  # [B, lambda, H]
+            frames = self.unit_decoder(upsampled, past_key_values=state.cache).float().argmax(-1)  # [B, lambda]
+            state.num_states += active.long()
+            for row in torch.nonzero(active).flatten().tolist():
+                previous = int(state.last_frame[row])
+                for frame in frames[row].tolist():
+                    if frame != previous and frame != self.unit_decoder.blank_id:
+                        new_units[row].append(frame)
+                    previous = frame
+                state.last_frame[row] = previous
+                state.units[row].extend(new_units[row])
+        if state.on_step is not None:
+            state.on_step(new_units, state)
+
+    # --- generation ---
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_audio: bool | None = None,
+        unit_stream: LlamaOmniUnitStreamState | None = None,
+        **kwargs,
+    ):
+        """transformers' `generate` (any of its sampling arguments, `streamer=`, several EOS ids) that also
+        decodes speech units step by step. With `return_dict_in_generate=True` returns a
+        [`LlamaOmniGenerateOutput`] with `.sequences` (prompt + answer), `.units` and, when `return_audio`
+        (default: True if the checkpoint has a vocoder), `.audio`."""
+        if input_ids is None:
+            raise ValueError("`input_ids` are required (build them with the LlamaOmniProcessor)")
+        if kwargs.get("num_beams", 1) not in (None, 1):
+            raise ValueError("beam search is not supported: units are decoded along a single hypothesis per row")
+        if return_audio and self.vocoder is None:
+            raise ValueError(
+                "this checkpoint has no vocoder (config.vocoder_config is None), so it cannot return audio; "
+                "use return_audio=False to get text and units"
+            )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+        if unit_stream is None:
+            unit_stream = self.init_unit_stream(input_ids.shape[0], eos)
+        output = super().generate(
+            input_ids=input_ids,
+            input_features=input_features,
+            attention_mask=attention_mask,
+            unit_stream=unit_stream,
+            **kwargs,
+        )
+        if isinstance(output, torch.Tensor):
+            return output
+        device = output.sequences.device
+        units = [torch.tensor(u, dtype=torch.long, device=device) for u in unit_stream.units]
+        audio = None
+        if return_audio is None:
+            return_audio = self.vocoder is not None
+        if return_audio:
+            audio = self.units_to_audio(units)
+        return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio)
+
+    @torch.no_grad()
+    def units_to_audio(self, units: list[torch.LongTensor]) -> list[torch.FloatTensor]:
+        """Vocode each answer's units offline: list of [n_units] -> list of float32 [n_samples] at 16 kHz."""
+        if self.vocoder is None:
+            raise ValueError("this checkpoint has no vocoder (config.vocoder_config is None)")
+        device = next(self.vocoder.parameters()).device
+        result = [torch.zeros(0, dtype=torch.float32, device=device) for _ in units]
+        nonempty = [i for i, u in enumerate(units) if len(u)]
+        if not nonempty:
+            return result
+        lengths = torch.tensor([len(units[i]) for i in nonempty], device=device)
+        padded = nn.utils.rnn.pad_sequence([units[i].to(device) for i in nonempty], batch_first=True)
+        waveform, wave_lengths = self.vocoder(padded, lengths)
+        for j, i in enumerate(nonempty):
+            result[i] = waveform[j, : int(wave_lengths[j])].float()
+        return result
+
+
+__all__ = [
+    "LlamaOmniForConditionalGeneration",
+    "LlamaOmniPreTrainedModel",
+    "LlamaOmniCausalLMOutput",
+    "LlamaOmniGenerateOutput",
+    "LlamaOmniUnitStreamState",
+    "collapse_units",
+]

@@ -1,0 +1,239 @@
+"""Processor of LLaMA-Omni: audio -> Whisper log-mel features, conversation -> Llama-3 prompt ids.
+
+Reproduces the original's input pipeline (spec section 2): mono 16 kHz float audio padded or cut to 30 s,
+128-bin log-mel, the Llama-3 chat prompt with the original system text, and every `<speech>` slot
+expanded to the 300 placeholder ids the model overwrites with adaptor outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from transformers import BatchFeature, ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SAMPLING_RATE = 16000
+MAX_SECONDS = 30  # Whisper's window; the original silently cuts longer audio
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and speech assistant. You are able to understand the speech content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+DEFAULT_INSTRUCTION = "Please directly answer the questions in the user's speech."
+
+# Llama-3 chat format. A user turn's content is a string or a list of {"type": "audio"|"text"} items; a turn
+# with audio and no text gets the original's instruction. The rendered text starts with <|begin_of_text|>
+# and is tokenized WITH the tokenizer's BOS, as the original did: two BOS ids (spec section 2).
+CHAT_TEMPLATE = (
+    "{%- set default_system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}"
+    "{%- set instruction = \"" + DEFAULT_INSTRUCTION + "\" -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = default_system -%}{%- endif -%}"
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{{ system }}<|eot_id|>"
+    "{%- for message in messages -%}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- set parts = namespace(items=[], audio=false, text=false) -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'audio' -%}{%- set parts.items = parts.items + ['<speech>'] -%}{%- set parts.audio = true -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set parts.items = parts.items + [item['text']] -%}{%- set parts.text = true -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if parts.audio and not parts.text -%}{%- set parts.items = parts.items + [instruction] -%}{%- endif -%}"
+    "{{ parts.items | join('\n') }}"
+    "{%- endif -%}"
+    "<|eot_id|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+)
+
+
+def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int, zeros: int = 16, rolloff: float = 0.945,
+             beta: float = 14.769656459379492) -> torch.Tensor:
+    """Band-limited (Kaiser-windowed sinc) polyphase resampling of [..., T] float audio."""
+    if orig_freq == new_freq:
+        return waveform
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    cutoff = min(orig, new) * rolloff  # in units of the reduced rates
+    width = math.ceil(zeros * orig / cutoff)
+    taps = torch.arange(-width, width + orig, dtype=torch.float64) / orig  # [K]
+    phases = -torch.arange(new, dtype=torch.float64)[:, None] / new  # [new, 1]
+    t = ((phases + taps) * cutoff).clamp(-zeros, zeros)  # [new, K] in zero crossings
+    window = torch.special.i0(beta * torch.sqrt(1 - (t / zeros) ** 2)) / torch.special.i0(torch.tensor(beta))
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(math.pi * t) / (math.pi * t))
+    kernels = (sinc * window * cutoff / orig).to(waveform.dtype)[:, None, :]  # [new, 1, K]
+    shape, length = waveform.shape[:-1], waveform.shape[-1]
+    x = torch.nn.functional.pad(waveform.reshape(-1, 1, length), (width, width + orig))
+    y = torch.nn.functional.conv1d(x, kernels, stride=orig)  # [B, new, frames]
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)
+    return y[:, : math.ceil(new * length / orig)].reshape(*shape, -1)
+
+
+def _to_mono_float(audio, index: int) -> np.ndarray:
+    """Validate one audio input and return mono float32 [T]."""
+    name = f"audio[{index}]"
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    if isinstance(audio, (list, tuple)):
+        audio = np.asarray(audio)
+    if not isinstance(audio, np.ndarray) or not (np.issubdtype(audio.dtype, np.number)):
+        raise ValueError(
+            f"{name} is a {type(audio).__name__}, not audio samples: pass a 1-D float array (or a "
+            "[channels, samples] array) and its sampling_rate"
+        )
+    if np.issubdtype(audio.dtype, np.integer):  # PCM integers -> [-1, 1]
+        audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
+    audio = audio.astype(np.float32, copy=False)
+    if audio.ndim == 2:  # stereo: channels are the short axis
+        audio = audio.mean(axis=0 if audio.shape[0] <= audio.shape[1] else 1)
+    if audio.ndim != 1:
+        raise ValueError(f"{name} has shape {audio.shape}; expected [samples] or [channels, samples]")
+    if audio.size == 0:
+        raise ValueError(f"{name} is empty: there is no speech to answer")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{name} contains NaN or infinite samples")
+    return audio
+
+
+class LlamaOmniProcessor(ProcessorMixin):
+    r"""Whisper feature extractor (128 mels) + Llama-3 tokenizer.
+
+    `processor(audio=wav, sampling_rate=sr)` builds the original's single-turn prompt for each audio;
+    `processor.apply_chat_template(conversation, add_generation_prompt=True)` renders a multi-turn
+    conversation whose user turns carry `{"type": "audio"}` items. Audio at any rate is resampled to 16 kHz,
+    stereo is averaged, audio over 30 s is cut to its first 30 s (as the original, with a warning).
+    """
+
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template=None,
+        speech_token="<speech>",
+        speech_tokens_per_audio=300,
+        double_bos=True,
+        **kwargs,
+    ):
+        self.speech_token = speech_token
+        self.speech_tokens_per_audio = speech_tokens_per_audio
+        self.double_bos = double_bos
+        if tokenizer is not None and speech_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [speech_token]})
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # generation pads on the left so every answer starts at the end
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    @property
+    def speech_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.speech_token)
+
+    def _prepare_audio(self, audio, sampling_rate) -> list[np.ndarray]:
+        if isinstance(audio, np.ndarray) and audio.ndim == 1 or isinstance(audio, torch.Tensor) and audio.ndim == 1:
+            audio = [audio]
+        elif isinstance(audio, (np.ndarray, torch.Tensor)) or not isinstance(audio, (list, tuple)):
+            audio = [audio]
+        elif len(audio) and all(isinstance(a, (int, float)) for a in audio):
+            audio = [audio]
+        if len(audio) == 0:
+            raise ValueError("no audio given")
+        if sampling_rate is None:
+            raise ValueError(
+                f"pass `sampling_rate=` (the rate of your audio); it is resampled to {SAMPLING_RATE} Hz"
+            )
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float)) or sampling_rate < 1000:
+            raise ValueError(f"sampling_rate={sampling_rate!r} is not a valid audio rate (Hz)")
+        result = []
+        for i, item in enumerate(audio):
+            wav = _to_mono_float(item, i)
+            if int(sampling_rate) != SAMPLING_RATE:
+                wav = resample(torch.from_numpy(wav.copy()), int(sampling_rate), SAMPLING_RATE).numpy()
+            if wav.shape[0] > MAX_SECONDS * SAMPLING_RATE:
+                logger.warning(
+                    f"audio[{i}] lasts {wav.shape[0] / SAMPLING_RATE:.1f} s; only its first {MAX_SECONDS} s are used "
+                    "(Whisper's window, as the original)"
+                )
+                wav = wav[: MAX_SECONDS * SAMPLING_RATE]
+            if np.abs(wav).max() < 1e-4:
+                raise ValueError(f"audio[{i}] is silent (peak below 1e-4): there is no speech to answer")
+            result.append(wav)
+        return result
+
+    def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` (left-padded) and `input_features` [n_audio, 128, 3000]."""
+        audios = [] if audio is None else self._prepare_audio(audio, sampling_rate)
+        if text is None:
+            if not audios:
+                raise ValueError("pass `audio=` (and optionally `text=`, e.g. from apply_chat_template)")
+            conversation = [{"role": "user", "content": [{"type": "audio"}]}]
+            prompt = self.apply_chat_template(conversation, add_generation_prompt=True)
+            text = [prompt] * len(audios)
+        elif isinstance(text, str):
+            text = [text]
+        n_slots = sum(t.count(self.speech_token) for t in text)
+        if n_slots != len(audios):
+            raise ValueError(f"the text has {n_slots} {self.speech_token} slots but {len(audios)} audios were given")
+        encoded = self.tokenizer(list(text), add_special_tokens=self.double_bos, padding=False)["input_ids"]
+        speech_id = self.speech_token_id
+        rows = []
+        for ids in encoded:
+            row = []
+            for token in ids:  # each slot becomes the fixed number of positions the adaptor yields
+                row.extend([token] * self.speech_tokens_per_audio if token == speech_id else [token])
+            rows.append(row)
+        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors=return_tensors)
+        data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        if audios:
+            features = self.feature_extractor(
+                audios, sampling_rate=SAMPLING_RATE, padding="max_length", return_tensors=return_tensors
+            )
+            data["input_features"] = features["input_features"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, sampling_rate=None,
+                            **kwargs):
+        """Render a conversation (Llama-3 format). With `tokenize=True`, audio items must carry their samples
+        (`{"type": "audio", "audio": array}` or `{"type": "audio", "path": "q.wav"}`) and the processor
+        outputs are returned."""
+        text = self.tokenizer.apply_chat_template(
+            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+            tokenize=False, **kwargs,
+        )
+        if not tokenize:
+            return text
+        audios, rates = [], []
+        for message in conversation:
+            for item in message["content"] if not isinstance(message["content"], str) else []:
+                if item.get("type") != "audio":
+                    continue
+                if "audio" in item:
+                    audios.append(item["audio"])
+                    rates.append(item.get("sampling_rate", sampling_rate))
+                elif "path" in item:
+                    import soundfile
+
+                    samples, rate = soundfile.read(item["path"], dtype="float32", always_2d=True)
+                    audios.append(samples.T)
+                    rates.append(rate)
+                else:
+                    raise ValueError("an audio item needs its samples ('audio') or a file ('path') to tokenize")
+        if len(set(rates)) > 1:
+            audios = [resample(torch.from_numpy(np.asarray(_to_mono_float(a, i))), r, SAMPLING_RATE).numpy()
+                      for i, (a, r) in enumerate(zip(audios, rates))]
+            rates = [SAMPLING_RATE]
+        return self(audio=audios or None, text=text, sampling_rate=rates[0] if rates else None)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "input_features"]
+
+
+__all__ = ["LlamaOmniProcessor", "resample", "CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_INSTRUCTION"]

@@ -1,0 +1,163 @@
+"""Tiny random-weight LLaMA-Omni checkpoints, complete Hub-format repos built in seconds.
+
+Used by the tests and as the demo's embedded default (no model can be downloaded here). The weights are
+random: the pipeline runs end to end, the answers are noise.
+
+    python -m llama_omni_hf.tiny OUT_DIR [--no-vocoder] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REMOTE_CODE_FILES = (
+    "configuration_llama_omni.py",
+    "modeling_llama_omni.py",
+    "processing_llama_omni.py",
+    "vocoder_llama_omni.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_llama_omni.LlamaOmniConfig",
+    "AutoModel": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
+    "AutoModelForSpeechSeq2Seq": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llama_omni.LlamaOmniProcessor"}
+DEFAULT_CACHE = Path(os.environ.get("LLAMA_OMNI_CACHE", Path.home() / ".cache" / "llama-omni-hf"))
+TINY_VERSION = "1"  # bump when the tiny layout changes, so cached copies are rebuilt
+
+
+def tiny_config_dict(tokenizer, vocoder: bool = True) -> dict:
+    """Sizes small enough for CPU tests; every structural feature of the release kept (128 mels, 1500
+    positions, k=5, llama3 RoPE, GQA in the LLM, MHA in the unit decoder, x25 upsampling, 1000 units)."""
+    special = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tokenizer) - (1 if "<speech>" in tokenizer.get_vocab() else 0),
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=special("<|begin_of_text|>"),
+        eos_token_id=[special("<|end_of_text|>"), special("<|eom_id|>"), special("<|eot_id|>")],
+        pad_token_id=special("<|finetune_right_pad_id|>"),
+        tie_word_embeddings=False,
+    )
+    encoder = dict(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                   max_source_positions=1500, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64)
+    config = dict(
+        speech_encoder_config=encoder, text_config=text,
+        speech_adaptor_hidden_size=48,
+        unit_decoder_num_layers=2, unit_decoder_hidden_size=64, unit_decoder_num_attention_heads=4,
+        unit_decoder_num_key_value_heads=4, unit_decoder_intermediate_size=96,
+        unit_decoder_upsample_factor=25, unit_vocab_size=1000,
+    )
+    if vocoder:
+        config["vocoder_config"] = dict(upsample_initial_channel=32, embedding_dim=32, duration_predictor_hidden_dim=32)
+    return config
+
+
+def _write_remote_code(directory: Path) -> None:
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, directory / name)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = AUTO_MAP
+    config["architectures"] = ["LlamaOmniForConditionalGeneration"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = directory / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["auto_map"] = {**data.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
+            if name == "processor_config.json":
+                data["processor_class"] = "LlamaOmniProcessor"
+            path.write_text(json.dumps(data, indent=2) + "\n")
+    if not (directory / "processor_config.json").exists():
+        (directory / "processor_config.json").write_text(
+            json.dumps({"processor_class": "LlamaOmniProcessor", "auto_map": PROCESSOR_AUTO_MAP}, indent=2) + "\n"
+        )
+
+
+def save_hub_repo(model, processor, output_dir, generation_config=None, max_shard_size="5GB") -> Path:
+    """Write model + processor + remote code into `output_dir` atomically (temp dir next to it, then rename)."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        if generation_config is not None:
+            model.generation_config = generation_config
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        processor.save_pretrained(tmp)
+        _write_remote_code(tmp)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def build_tiny_model_and_processor(vocoder: bool = True, seed: int = 0):
+    from transformers import GenerationConfig, WhisperFeatureExtractor
+
+    from .configuration_llama_omni import LlamaOmniConfig
+    from .modeling_llama_omni import LlamaOmniForConditionalGeneration
+    from .processing_llama_omni import LlamaOmniProcessor
+    from .tiny_tokenizer import build_tiny_llama3_tokenizer
+
+    tokenizer = build_tiny_llama3_tokenizer()
+    base_vocab = len(tokenizer)
+    config = LlamaOmniConfig(**tiny_config_dict(tokenizer, vocoder=vocoder))
+    processor = LlamaOmniProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=128),
+        tokenizer=tokenizer,
+        speech_tokens_per_audio=config.speech_tokens_per_audio,
+    )
+    if processor.speech_token_id != base_vocab or config.speech_token_id != base_vocab:
+        raise RuntimeError("the <speech> placeholder must be the first id after the LLM vocabulary")
+    torch.manual_seed(seed)
+    model = LlamaOmniForConditionalGeneration(config).eval()
+    text = config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+        do_sample=False, max_new_tokens=64,
+    )
+    return model, processor
+
+
+def build_tiny_checkpoint(output_dir, vocoder: bool = True, seed: int = 0) -> Path:
+    """Write a complete tiny checkpoint repo (config with auto_map, remote code, safetensors, processor,
+    tokenizer, generation config) to `output_dir` and return its path."""
+    model, processor = build_tiny_model_and_processor(vocoder=vocoder, seed=seed)
+    return save_hub_repo(model, processor, output_dir)
+
+
+def default_tiny_checkpoint() -> Path:
+    """The demo's embedded default: built once into the cache directory, reused afterwards."""
+    path = DEFAULT_CACHE / f"tiny-random-v{TINY_VERSION}"
+    if not (path / "config.json").exists():
+        build_tiny_checkpoint(path)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight LLaMA-Omni checkpoint repo.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--no-vocoder", action="store_true", help="omit the unit vocoder (text + units only)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_checkpoint(args.output_dir, vocoder=not args.no_vocoder, seed=args.seed)
+    print(f"tiny random-weight checkpoint written to {path}")
+
+
+if __name__ == "__main__":
+    main()
