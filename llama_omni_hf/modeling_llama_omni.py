@@ -15,6 +15,8 @@ vocoder -> 16 kHz speech.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlamaModel, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -58,6 +62,54 @@ class LlamaOmniGenerateOutput(GenerateDecoderOnlyOutput):
 
     units: list[torch.LongTensor] | None = None
     audio: list[torch.FloatTensor] | None = None
+
+
+@dataclass
+class LlamaOmniStreamChunk:
+    """One update of [`LlamaOmniForConditionalGeneration.generate_stream`] (batch size 1).
+
+    text: new text since the previous chunk (whole words; "" while a word is incomplete).
+    token_ids: LongTensor [n] new answer token ids. units: LongTensor [n] new collapsed units.
+    audio: FloatTensor [n] new 16 kHz samples (empty until `chunk_size` units are ready).
+    is_final: True on the last chunk, which also carries `sequences` (prompt + answer ids) and all `units`.
+    """
+
+    text: str = ""
+    token_ids: torch.LongTensor | None = None
+    units: torch.LongTensor | None = None
+    audio: torch.FloatTensor | None = None
+    is_final: bool = False
+    sequences: torch.LongTensor | None = None
+    all_units: torch.LongTensor | None = None
+
+
+class _QueueStreamer(BaseStreamer):
+    """Forwards generated token ids to the stream's queue and to the caller's own streamer, if any."""
+
+    def __init__(self, events: queue.Queue, user_streamer=None):
+        self.events, self.user_streamer, self.prompt_seen = events, user_streamer, False
+
+    def put(self, value):
+        if self.user_streamer is not None:
+            self.user_streamer.put(value)
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        self.events.put(("tokens", value.reshape(-1).tolist()))
+
+    def end(self):
+        if self.user_streamer is not None:
+            self.user_streamer.end()
+
+
+class _StopEvent(StoppingCriteria):
+    """Ends generation when the stream's consumer has gone away (iterator closed)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -447,6 +499,92 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             audio = self.units_to_audio(units)
         return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio)
 
+    def generate_stream(self, input_ids=None, input_features=None, attention_mask=None, tokenizer=None,
+                        chunk_size: int = 10, vocoder_left_context: int | None = None,
+                        vocoder_lookahead: int | None = None, streamer=None, **kwargs):
+        """Generate one answer and yield [`LlamaOmniStreamChunk`]s as soon as text, units and audio exist.
+
+        Same generation arguments as `generate` (greedy, sampling, temperature, top_p, ...). Audio is
+        vocoded every `chunk_size` (Omega) units: smaller Omega = earlier first audio (paper: 226 ms at
+        Omega=10) and more vocoder calls; chunks are vocoded with left context and a small look-ahead, so
+        unlike the original there are no seams at small Omega. `tokenizer` (e.g. `processor.tokenizer`)
+        is needed for `.text`. A transformers `streamer=` (e.g. `TextIteratorStreamer`) is fed too.
+        Closing the iterator (or leaving a `for` loop) stops generation.
+        """
+        if input_ids is None or input_ids.shape[0] != 1:
+            raise ValueError("generate_stream takes one conversation (batch size 1); use generate() for batches")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` (Omega) must be a positive integer, got {chunk_size!r}")
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        state = self.init_unit_stream(1, kwargs.get("eos_token_id", generation_config.eos_token_id),
+                                      on_step=lambda new, _: new[0] and events.put(("units", list(new[0]))))
+        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_StopEvent(stop))
+
+        def run():
+            try:
+                output = self.generate(
+                    input_ids=input_ids, input_features=input_features, attention_mask=attention_mask,
+                    unit_stream=state, streamer=_QueueStreamer(events, streamer), stopping_criteria=stopping,
+                    return_audio=False, return_dict_in_generate=True, **kwargs,
+                )
+                events.put(("done", output))
+            except BaseException as error:  # surfaced in the consumer's thread
+                events.put(("error", error))
+
+        vocoder_state = None
+        if self.vocoder is not None:
+            options = {"chunk_size": chunk_size}
+            if vocoder_left_context is not None:
+                options["left_context"] = vocoder_left_context
+            if vocoder_lookahead is not None:
+                options["lookahead"] = vocoder_lookahead
+            vocoder_state = self.vocoder.init_stream(**options)
+        thread = threading.Thread(target=run, name="llama-omni-generate", daemon=True)
+        thread.start()
+        return self._stream_chunks(events, stop, thread, vocoder_state, tokenizer)
+
+    def _stream_chunks(self, events, stop, thread, vocoder_state, tokenizer):
+        text_ids: list[int] = []
+        text_sent = 0
+        empty_ids = torch.zeros(0, dtype=torch.long)
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                chunk = LlamaOmniStreamChunk(token_ids=empty_ids, units=empty_ids, audio=torch.zeros(0))
+                if kind == "tokens":
+                    text_ids.extend(value)
+                    chunk.token_ids = torch.tensor(value, dtype=torch.long)
+                    if tokenizer is not None:
+                        text = tokenizer.decode(text_ids, skip_special_tokens=True)
+                        # hold back an unfinished word or a partial multi-byte character
+                        ready = text.rfind(" ") if not text.endswith("\ufffd") else -1
+                        if ready > text_sent:
+                            chunk.text, text_sent = text[text_sent:ready], ready
+                elif kind == "units":
+                    chunk.units = torch.tensor(value, dtype=torch.long)
+                    if vocoder_state is not None:
+                        chunk.audio = self.vocoder.stream(vocoder_state, value).float().cpu()
+                elif kind == "done":
+                    chunk.is_final = True
+                    chunk.sequences = value.sequences
+                    chunk.all_units = value.units[0].cpu()
+                    if tokenizer is not None:
+                        chunk.text = tokenizer.decode(text_ids, skip_special_tokens=True)[text_sent:]
+                    if vocoder_state is not None:
+                        chunk.audio = self.vocoder.stream(vocoder_state, [], final=True).float().cpu()
+                    yield chunk
+                    return
+                if chunk.text or len(chunk.token_ids) or len(chunk.units) or len(chunk.audio):
+                    yield chunk
+        finally:
+            stop.set()  # the consumer left early: end generation at the next step
+            thread.join()
+
     @torch.no_grad()
     def units_to_audio(self, units: list[torch.LongTensor]) -> list[torch.FloatTensor]:
         """Vocode each answer's units offline: list of [n_units] -> list of float32 [n_samples] at 16 kHz."""
@@ -471,5 +609,6 @@ __all__ = [
     "LlamaOmniCausalLMOutput",
     "LlamaOmniGenerateOutput",
     "LlamaOmniUnitStreamState",
+    "LlamaOmniStreamChunk",
     "collapse_units",
 ]
