@@ -167,6 +167,11 @@ class LlamaOmniConfig(PreTrainedConfig):
         speech_token_id=None,
         **kwargs,
     ):
+        if kwargs.get("model_type") == "omni_speech2s_llama" or "ctc_decoder_config" in kwargs:
+            raise ValueError(
+                "this is the ORIGINAL LLaMA-Omni release (model_type 'omni_speech2s_llama'), not a converted repo: "
+                "convert it first with `python conversion/convert_llama_omni.py --checkpoint DIR ...`"
+            )
         self.speech_encoder_config = _sub_config(WhisperConfig, speech_encoder_config, WHISPER_LARGE_V3_ENCODER)
         self.text_config = _sub_config(LlamaConfig, text_config, LLAMA_3_1_8B)
         self.vocoder_config = (

@@ -269,6 +269,25 @@ class LlamaOmniPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # the unit decoder needs an explicit 4D causal mask
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' `from_pretrained`, but a checkpoint that lacks weights is an error (a half-random
+        LLaMA-Omni answers noise without a hint why); `allow_missing_weights=True` restores the default."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys", ()))
+        mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+        if (missing or mismatched) and not allow_missing_weights:
+            shown = ", ".join(missing[:8] + mismatched[:8])
+            more = len(missing) + len(mismatched) - min(len(missing), 8) - min(len(mismatched), 8)
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weights and has {len(mismatched)} of the wrong shape for "
+                f"{cls.__name__}: {shown}{f' and {more} more' if more > 0 else ''}. Is it a converted LLaMA-Omni "
+                "repo? (convert the original release with conversion/convert_llama_omni.py; pass "
+                "allow_missing_weights=True to load anyway with random weights)"
+            )
+        return (model, info) if want_info else model
+
 
 class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixin):
     """Speech in, text + units (+ audio with a vocoder) out. See the module docstring for the glossary."""

@@ -1,0 +1,50 @@
+"""Loading guards: missing weights and the original (unconverted) release give clear errors."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+
+from llama_omni_hf.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    return build_tiny_checkpoint(tmp_path / "tiny", vocoder=False)
+
+
+def test_missing_weight_is_an_error(checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    del weights["unit_decoder.output_proj.weight"]
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weights .*unit_decoder\.output_proj\.weight"):
+        AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, allow_missing_weights=True)
+    assert model.unit_decoder.output_proj.weight.shape[0] == 1001
+
+
+def test_loading_info_still_available(checkpoint):
+    model, info = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_original_release_config_is_rejected(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["ctc_decoder_config"] = "(2,4096,32,11008)"
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="ORIGINAL LLaMA-Omni release"):
+        AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+
+
+def test_bad_config_values_name_the_field():
+    from llama_omni_hf.configuration_llama_omni import LlamaOmniConfig, LlamaOmniVocoderConfig
+
+    with pytest.raises(ValueError, match="unit_decoder_num_layers"):
+        LlamaOmniConfig(unit_decoder_num_layers="2")
+    with pytest.raises(ValueError, match="unit_decoder_hidden_size"):
+        LlamaOmniConfig(unit_decoder_hidden_size=100, unit_decoder_num_attention_heads=32)
+    with pytest.raises(ValueError, match="code_hop_size"):
+        LlamaOmniVocoderConfig(upsample_rates=[5, 4, 4, 2, 1], upsample_kernel_sizes=[11, 8, 8, 4, 4])
+    with pytest.raises(ValueError, match="unit_vocab_size"):
+        LlamaOmniConfig(vocoder_config={"num_embeddings": 500})
