@@ -1,0 +1,120 @@
+"""The converted repo's README.md (model card): what it is, usage, streaming, licence, citation, provenance."""
+
+from __future__ import annotations
+
+# Written into the card when --repo-id is not given; push_to_hub.py replaces it with the target repo id.
+MODEL_ID_PLACEHOLDER = "YOUR-NAMESPACE/Llama-3.1-8B-Omni-hf"
+
+CITATION = """\
+@article{fang-etal-2024-llama-omni,
+  title={LLaMA-Omni: Seamless Speech Interaction with Large Language Models},
+  author={Fang, Qingkai and Guo, Shoutao and Zhou, Yan and Ma, Zhengrui and Zhang, Shaolei and Feng, Yang},
+  journal={arXiv preprint arXiv:2409.06666},
+  year={2024}
+}"""
+
+LICENCE_NOTICE = """\
+**Non-commercial use only.** The LLaMA-Omni weights are released by their authors (ICTNLP) for academic
+research only and **may NOT be used for commercial purposes**; for commercial licensing contact
+`fengyang@ict.ac.cn`. If you use the model in research, cite the paper (below). The language model is
+derived from Meta's Llama-3.1-8B-Instruct, so the Llama 3.1 Community License applies as well; the speech
+encoder is OpenAI's Whisper-large-v3 (MIT) and the unit vocoder is fairseq's unit HiFi-GAN
+(`mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj`), released under its own terms. This repository only
+re-packages those weights; it grants no rights beyond theirs. The conversion code is Apache-2.0."""
+
+
+def render_model_card(model_id: str, config, summary: dict) -> str:
+    """summary: facts of this conversion (source files, dtype, parameter count, whisper source, notes)."""
+    text = config.text_config
+    vocoder = "included (speech out)" if config.vocoder_config is not None else "not included (text + units)"
+    sources = "\n".join(f"- {name}: `{value}`" for name, value in summary["sources"].items())
+    return f"""---
+license: other
+license_name: llama-omni-research-only
+license_link: https://github.com/ictnlp/LLaMA-Omni#license
+library_name: transformers
+base_model: ICTNLP/Llama-3.1-8B-Omni
+language:
+- en
+tags:
+- llama-omni
+- speech-to-speech
+- spoken-dialogue
+- custom_code
+---
+
+# LLaMA-Omni for 🤗 transformers
+
+[LLaMA-Omni](https://arxiv.org/abs/2409.06666) (Fang et al., 2024) answers a spoken question with
+**streaming text and speech at the same time**. This repository holds the released checkpoint
+`ICTNLP/Llama-3.1-8B-Omni`, its Whisper-large-v3 speech encoder and fairseq's unit HiFi-GAN vocoder in one
+place, as transformers remote code: one `from_pretrained` gives text, speech units and audio. No fairseq, no
+flash-attention, no pinned transformers version, no relative paths.
+
+| part | what | size here |
+|---|---|---|
+| speech encoder | Whisper-large-v3 encoder (`WhisperEncoder`) | {config.speech_encoder_config.encoder_layers} layers, d={config.speech_encoder_config.d_model} |
+| speech adaptor | {config.speech_adaptor_downsample_rate} frames concatenated -> Linear -> ReLU -> Linear | {config.speech_adaptor_hidden_size} hidden |
+| LLM | Llama-3.1-8B-Instruct layout (`model.*`, `lm_head`) | {text.num_hidden_layers} layers, d={text.hidden_size} |
+| unit decoder | causal Llama layers + CTC over {config.unit_vocab_size} HuBERT units, x{config.unit_decoder_upsample_factor} upsampling | {config.unit_decoder_num_layers} layers, d={config.unit_decoder_hidden_size} |
+| vocoder | unit HiFi-GAN with duration predictor, 16 kHz | {vocoder} |
+
+Weights: `{summary["dtype"]}`, {summary["parameters"] / 1e9:.2f} B parameters.
+
+## Licence
+
+{LICENCE_NOTICE}
+
+## Usage
+
+```python
+import soundfile as sf
+import torch
+from transformers import AutoModel, AutoProcessor
+
+model_id = "{model_id}"
+processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=torch.float16, device_map="auto")
+
+audio, sampling_rate = sf.read("question.wav", dtype="float32")  # any rate: resampled to 16 kHz
+inputs = processor(audio=audio, sampling_rate=sampling_rate, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, do_sample=False, max_new_tokens=256, return_dict_in_generate=True)
+answer = out.sequences[0, inputs["input_ids"].shape[1]:]
+print(processor.tokenizer.decode(answer, skip_special_tokens=True))
+sf.write("answer.wav", out.audio[0].cpu().numpy(), 16000)  # out.units[0]: the HuBERT units
+```
+
+The released `generation_config.json` keeps Llama-3.1-Instruct's sampling defaults (temperature 0.6,
+top_p 0.9); pass `do_sample=False` for greedy answers. Audio longer than 30 s is cut to its first 30 s, as in
+the original (Whisper's window); every spoken turn takes 300 LLM positions.
+
+## Streaming text and speech
+
+```python
+for chunk in model.generate_stream(**inputs, tokenizer=processor.tokenizer, chunk_size=10, do_sample=False,
+                                   max_new_tokens=256):
+    print(chunk.text, end="", flush=True)  # new words
+    play(chunk.audio)                       # new 16 kHz samples, every `chunk_size` units
+```
+
+`chunk_size` is the paper's Omega: smaller starts speaking sooner (226 ms at Omega=10 on an L40 in the
+paper), larger calls the vocoder less often. Chunks are vocoded with left context, so unlike the original
+they join without seams. A `TextIteratorStreamer` can be passed as `streamer=` too.
+
+## How this repository was made
+
+Converted with `conversion/convert_llama_omni.py` of the llama-omni-hf project from:
+
+{sources}
+
+Every original key was mapped by a table (openai-whisper names -> `WhisperEncoder` names,
+`model.speech_projector` -> `speech_adaptor`, `speech_generator` -> `unit_decoder`, vocoder weight norm
+folded into plain weights) and every shape checked; nothing was left randomly initialised. Whisper encoder
+weights: {summary["whisper_source"]}.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
