@@ -8,6 +8,7 @@ expanded to the 300 placeholder ids the model overwrites with adaptor outputs.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -37,8 +38,9 @@ CHAT_TEMPLATE = (
     "{%- else -%}{%- set system = default_system -%}{%- endif -%}"
     "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{{ system }}<|eot_id|>"
     "{%- for message in messages -%}"
+    # `{% if` (no `-`): a left-stripping tag would eat the "\n\n" after the header
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{% if message['content'] is string -%}{{ message['content'] | trim }}"
     "{%- else -%}"
     "{%- set parts = namespace(items=[], audio=false, text=false) -%}"
     "{%- for item in message['content'] -%}"
@@ -51,7 +53,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "<|eot_id|>"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif -%}"
 )
 
 
@@ -84,10 +86,16 @@ def _to_mono_float(audio, index: int) -> np.ndarray:
         audio = audio.detach().cpu().numpy()
     if isinstance(audio, (list, tuple)):
         audio = np.asarray(audio)
-    if not isinstance(audio, np.ndarray) or not (np.issubdtype(audio.dtype, np.number)):
+    if not isinstance(audio, np.ndarray):
         raise ValueError(
             f"{name} is a {type(audio).__name__}, not audio samples: pass a 1-D float array (or a "
             "[channels, samples] array) and its sampling_rate"
+        )
+    real = np.issubdtype(audio.dtype, np.floating) or np.issubdtype(audio.dtype, np.integer)
+    if not real or audio.dtype == np.bool_:
+        raise ValueError(
+            f"{name} has dtype {audio.dtype}, not audio samples: pass real float samples in [-1, 1] "
+            "(or integer PCM)"
         )
     if np.issubdtype(audio.dtype, np.integer):  # PCM integers -> [-1, 1]
         audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
@@ -149,8 +157,9 @@ class LlamaOmniProcessor(ProcessorMixin):
             raise ValueError(
                 f"pass `sampling_rate=` (the rate of your audio); it is resampled to {SAMPLING_RATE} Hz"
             )
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float)) or sampling_rate < 1000:
-            raise ValueError(f"sampling_rate={sampling_rate!r} is not a valid audio rate (Hz)")
+        if (isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real)
+                or sampling_rate < 1000 or sampling_rate != int(sampling_rate)):
+            raise ValueError(f"sampling_rate={sampling_rate!r} is not a valid audio rate (a whole number of Hz)")
         result = []
         for i, item in enumerate(audio):
             wav = _to_mono_float(item, i)

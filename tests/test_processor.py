@@ -1,0 +1,208 @@
+"""LlamaOmniProcessor: the original's prompt and tokenization, Whisper features, batching, audio hygiene."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from llama_omni_hf.processing_llama_omni import resample
+
+SR = 16000
+# spec section 2, verbatim
+SYSTEM = (
+    "You are a helpful language and speech assistant. You are able to understand the speech content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+SPEC_PROMPT = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + SYSTEM + "<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n<speech>\nPlease directly answer the questions in the user's "
+    "speech.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+SINGLE_AUDIO_TURN = [{"role": "user", "content": [{"type": "audio"}]}]
+
+
+def original_tokenization(tokenizer, prompt, speech_id, per_audio=300):
+    """The original's `tokenizer_speech_token`: tokenize the pieces around each <speech> separately WITH the
+    tokenizer's BOS, keep the first piece's BOS (so a prompt that starts with <|begin_of_text|> gets two),
+    drop the BOS of every later piece; each slot becomes the adaptor's 300 positions."""
+    pieces = [tokenizer(piece).input_ids for piece in prompt.split("<speech>")]
+    ids = list(pieces[0])
+    for piece in pieces[1:]:
+        assert piece[0] == tokenizer.bos_token_id
+        ids += [speech_id] * per_audio + piece[1:]
+    return ids
+
+
+def tone(freq, sr, seconds=2.0, amplitude=0.5):
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(sr * seconds)) / sr)).astype(np.float32)
+
+
+def features(processor, audio, sr=SR):
+    return processor(audio=audio, sampling_rate=sr)["input_features"][0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompt and tokenization
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_default_prompt_is_the_original_with_double_bos(processor, speech):
+    assert processor.apply_chat_template(SINGLE_AUDIO_TURN, add_generation_prompt=True) == SPEC_PROMPT
+    tokenizer = processor.tokenizer
+    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    inputs = processor(audio=speech["france"], sampling_rate=SR)
+    ids = inputs["input_ids"][0].tolist()
+    expected = original_tokenization(tokenizer, SPEC_PROMPT, processor.speech_token_id)
+    assert ids == expected
+    assert ids[:3] == [bos, bos, tokenizer.convert_tokens_to_ids("<|start_header_id|>")]
+    assert ids.count(bos) == 2  # no BOS after the speech slot
+    speech_positions = [i for i, t in enumerate(ids) if t == processor.speech_token_id]
+    assert len(speech_positions) == 300 and speech_positions == list(range(speech_positions[0], speech_positions[0] + 300))
+    assert ids[speech_positions[-1] + 1] != bos
+    assert inputs["attention_mask"].tolist() == [[1] * len(ids)]
+    assert inputs["input_features"].shape == (1, 128, 3000) and inputs["input_features"].dtype == torch.float32
+
+
+def test_features_match_openai_whisper_log_mel(processor, speech):
+    whisper = pytest.importorskip("whisper")
+    audio = speech["france"]
+    ours = features(processor, audio)
+    theirs = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels=128)
+    assert theirs.shape == ours.shape == (128, 3000)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_chat_template_multi_turn_with_audio_turns(processor, speech, tmp_path):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "audio", "audio": speech["france"], "sampling_rate": SR}]},
+        {"role": "assistant", "content": "Paris. "},
+        {"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "q.wav")},
+                                     {"type": "text", "text": "Answer this one too."}]},
+    ]
+    # the second audio comes from a 22.05 kHz file: resampled like any other rate
+    sf.write(tmp_path / "q.wav", resample(torch.from_numpy(speech["tea"]), SR, 22050).numpy(), 22050, subtype="FLOAT")
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<speech>\nPlease directly answer the questions in the user's "
+        "speech.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<speech>\nAnswer this one too.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    ids = inputs["input_ids"][0].tolist()
+    assert ids == original_tokenization(processor.tokenizer, text, processor.speech_token_id)
+    assert inputs["input_features"].shape == (2, 128, 3000)
+    torch.testing.assert_close(inputs["input_features"][0], features(processor, speech["france"]))
+    tea_16k = resample(resample(torch.from_numpy(speech["tea"]), SR, 22050), 22050, SR).numpy()
+    torch.testing.assert_close(inputs["input_features"][1], features(processor, tea_16k), rtol=0, atol=1e-4)
+
+
+def test_batch_of_audios_pads_on_the_left(processor, speech):
+    short_prompt = processor.apply_chat_template(SINGLE_AUDIO_TURN)
+    long_prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Please answer in detail, "
+                                                          "with an example and a short summary at the end."}]}]
+    )
+    audios = [speech["tea"], speech["france"]]  # different lengths
+    batch = processor(audio=audios, text=[short_prompt, long_prompt], sampling_rate=SR)
+    alone = [processor(audio=a, text=t, sampling_rate=SR) for a, t in zip(audios, [short_prompt, long_prompt])]
+    lengths = [a["input_ids"].shape[1] for a in alone]
+    assert lengths[0] < lengths[1] and batch["input_ids"].shape == (2, lengths[1])
+    pad = processor.tokenizer.pad_token_id
+    for row, (single, length) in enumerate(zip(alone, lengths)):
+        padding = lengths[1] - length
+        assert batch["input_ids"][row, :padding].tolist() == [pad] * padding
+        assert batch["input_ids"][row, padding:].tolist() == single["input_ids"][0].tolist()
+        assert batch["attention_mask"][row].tolist() == [0] * padding + [1] * length
+        torch.testing.assert_close(batch["input_features"][row], single["input_features"][0])
+    # a plain list of audios with the default prompt
+    plain = processor(audio=audios, sampling_rate=SR)
+    assert plain["input_ids"].shape == (2, lengths[0]) and bool(plain["attention_mask"].all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# audio hygiene
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [44100, 8000, 22050])
+def test_resampling_to_16k_matches_an_analytic_sine(processor, rate):
+    resampled = resample(torch.from_numpy(tone(440.0, rate)), rate, SR).numpy()
+    assert len(resampled) == 2 * SR
+    analytic = tone(440.0, SR)
+    inner = slice(400, -400)  # the sinc kernel sees zeros past the ends
+    assert np.abs(resampled[inner] - analytic[inner]).max() < 1e-4
+    # and through the processor: the features are those of the analytic 16 kHz sine (edge frames aside)
+    ours, reference = features(processor, tone(440.0, rate), rate), features(processor, analytic)
+    torch.testing.assert_close(ours[:, 3:197], reference[:, 3:197], rtol=0, atol=1e-4)
+
+
+def test_downsampling_removes_what_would_alias(processor):
+    # 10 kHz is above the new Nyquist (8 kHz): a naive decimator would fold it to 6 kHz
+    resampled = resample(torch.from_numpy(tone(10000.0, 44100)), 44100, SR).numpy()
+    assert np.abs(resampled[400:-400]).max() < 1e-3
+
+
+def test_stereo_is_downmixed_to_the_channel_mean(processor):
+    left, right = tone(300.0, SR), tone(1200.0, SR, amplitude=0.2)
+    mono = features(processor, (left + right) / 2)
+    torch.testing.assert_close(features(processor, np.stack([left, right])), mono)  # [channels, samples]
+    torch.testing.assert_close(features(processor, np.stack([left, right], axis=1)), mono)  # [samples, channels]
+    # integer PCM is scaled to [-1, 1]
+    pcm = np.round(left * 32767).astype(np.int16)
+    torch.testing.assert_close(features(processor, pcm), features(processor, pcm / 32767.0), rtol=0, atol=1e-5)
+
+
+def test_audio_over_30_seconds_is_cut_with_a_warning(processor, caplog):
+    long = np.concatenate([tone(440.0, SR, 30.0), tone(880.0, SR, 5.0)])
+    with caplog.at_level(logging.WARNING):
+        cut = features(processor, long)
+    assert "audio[0] lasts 35.0 s; only its first 30 s are used" in caplog.text
+    torch.testing.assert_close(cut, features(processor, long[: 30 * SR]))
+
+
+GOOD = tone(440.0, SR, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(audio=np.zeros(0, np.float32)), r"audio\[0\] is empty: there is no speech to answer"),
+        (dict(audio=np.full(1600, np.nan, np.float32)), r"audio\[0\] contains NaN or infinite samples"),
+        (dict(audio=np.where(np.arange(1600) == 7, np.inf, 0.1).astype(np.float32)), r"audio\[0\] contains NaN or infinite"),
+        (dict(audio=np.zeros(16000, np.float32)), r"audio\[0\] is silent \(peak below 1e-4\)"),
+        (dict(audio=[GOOD, np.zeros(16000, np.float32)]), r"audio\[1\] is silent"),
+        (dict(audio="question.wav"), r"audio\[0\] is a str, not audio samples: pass a 1-D float array"),
+        (dict(audio={"array": GOOD, "sampling_rate": SR}), r"audio\[0\] is a dict, not audio samples"),
+        (dict(audio=[GOOD, None]), r"audio\[1\] is a NoneType, not audio samples"),
+        (dict(audio=GOOD.astype(np.complex64)), r"audio\[0\] has dtype complex64, not audio samples"),
+        (dict(audio=np.ones(1600, bool)), r"audio\[0\] has dtype bool, not audio samples"),
+        (dict(audio=np.zeros((2, 2, 1600), np.float32)), r"audio\[0\] has shape \(2, 2, 1600\); expected \[samples\]"),
+        (dict(audio=[]), r"no audio given"),
+        (dict(), r"pass `audio=`"),
+        (dict(audio=GOOD, sampling_rate=None), r"pass `sampling_rate=` \(the rate of your audio\)"),
+        (dict(audio=GOOD, sampling_rate=0), r"sampling_rate=0 is not a valid audio rate"),
+        (dict(audio=GOOD, sampling_rate="16k"), r"sampling_rate='16k' is not a valid audio rate"),
+        (dict(audio=GOOD, sampling_rate=16000.5), r"sampling_rate=16000.5 is not a valid audio rate"),
+        (dict(audio=[GOOD, GOOD], text="<speech> What is this?"), r"the text has 1 <speech> slots but 2 audios"),
+        (dict(audio=GOOD, text="No slot here."), r"the text has 0 <speech> slots but 1 audios"),
+        (dict(text="<speech> and <speech>"), r"the text has 2 <speech> slots but 0 audios"),
+    ],
+    ids=lambda value: None if isinstance(value, dict) else value[:30],
+)
+def test_bad_input_gets_a_clear_error(processor, kwargs, message):
+    kwargs.setdefault("sampling_rate", SR)
+    with pytest.raises(ValueError, match=message):
+        processor(**kwargs)
+
+
+def test_chat_template_audio_item_without_samples_is_a_clear_error(processor):
+    with pytest.raises(ValueError, match=r"an audio item needs its samples \('audio'\) or a file \('path'\)"):
+        processor.apply_chat_template(SINGLE_AUDIO_TURN, tokenize=True)
