@@ -224,8 +224,14 @@ class LlamaOmniProcessor(ProcessorMixin):
                 if item.get("type") != "audio":
                     continue
                 if "audio" in item:
+                    rate = item.get("sampling_rate", sampling_rate)
+                    if rate is None:
+                        raise ValueError(
+                            f"audio item {len(audios)} has samples but no rate: add 'sampling_rate' to the item "
+                            "or pass sampling_rate="
+                        )
                     audios.append(item["audio"])
-                    rates.append(item.get("sampling_rate", sampling_rate))
+                    rates.append(rate)
                 elif "path" in item:
                     import soundfile
 

@@ -203,6 +203,11 @@ def test_bad_input_gets_a_clear_error(processor, kwargs, message):
         processor(**kwargs)
 
 
-def test_chat_template_audio_item_without_samples_is_a_clear_error(processor):
+def test_chat_template_audio_items_without_samples_or_rate_are_clear_errors(processor, tmp_path):
     with pytest.raises(ValueError, match=r"an audio item needs its samples \('audio'\) or a file \('path'\)"):
         processor.apply_chat_template(SINGLE_AUDIO_TURN, tokenize=True)
+    sf.write(tmp_path / "q.wav", GOOD, 22050)
+    conversation = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "q.wav")},
+                                                 {"type": "audio", "audio": GOOD}]}]
+    with pytest.raises(ValueError, match=r"audio item 1 has samples but no rate: add 'sampling_rate' to the item"):
+        processor.apply_chat_template(conversation, tokenize=True)
