@@ -14,7 +14,6 @@ OUT is written into a temporary directory next to it and renamed at the end: an 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -29,14 +28,15 @@ import torch
 from conversion.config_map import build_config, check_released_config
 from conversion.key_map import Entry, check_against_model, map_keys, source_file
 from conversion.model_card import MODEL_ID_PLACEHOLDER, render_model_card
-from conversion.original_formats import (ConversionError, ShardSet, read_json, read_vocoder_checkpoint,
-                                         read_vocoder_config, read_whisper_checkpoint, whisper_dims_from_shapes)
-from conversion.writing import (SAFETENSORS_DTYPES, MemoryMonitor, PlannedTensor, StreamingShardWriter,
-                                atomic_directory, plan_shards)
+from conversion.repo_files import build_generation_config, build_processor, write_repo_files
+from conversion.original_formats import (SAFETENSORS_TO_TORCH, ConversionError, ShardSet, read_json,
+                                         read_vocoder_checkpoint, read_vocoder_config, read_whisper_checkpoint,
+                                         whisper_dims_from_shapes)
+from conversion.writing import (MemoryMonitor, PlannedTensor, StreamingShardWriter, atomic_directory, parse_size,
+                                plan_shards)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ENCODER_PREFIX = "model.speech_encoder."
-SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass
@@ -120,28 +120,6 @@ def check_whisper_agreement(pairs, sources: Sources, strict: bool) -> str:
     return f"shards and Whisper checkpoint {verdict} ({len(pairs)} tensors compared, max |diff| {worst:.3g})"
 
 
-def build_processor(checkpoint_dir: Path, n_mels: int, n_audio_ctx: int, ds_rate: int):
-    from transformers import AutoTokenizer, LlamaConfig, WhisperFeatureExtractor
-
-    from llama_omni_hf.processing_llama_omni import LlamaOmniProcessor
-
-    try:
-        # config= : the released config.json has a model_type transformers does not know; the tokenizer is Llama-3's
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), config=LlamaConfig())
-    except Exception as err:
-        raise ConversionError(f"cannot load the tokenizer files in {checkpoint_dir}: {err}") from None
-    if tokenizer.pad_token is None and "<|finetune_right_pad_id|>" in tokenizer.get_vocab():
-        tokenizer.pad_token = "<|finetune_right_pad_id|>"  # Llama-3.1's reserved pad token; batches need one
-    # the release says True (transformers 4.43 default); transformers 5 ignores it for BPE and warns at every load
-    tokenizer.clean_up_tokenization_spaces = False
-    seconds = n_audio_ctx * 2 * 160 / 16000  # encoder positions -> mel frames (stride 2) -> samples (hop 160)
-    if seconds != int(seconds):
-        raise ConversionError(f"the Whisper encoder's {n_audio_ctx} positions are not a whole number of seconds")
-    extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=int(seconds))
-    return LlamaOmniProcessor(feature_extractor=extractor, tokenizer=tokenizer,
-                              speech_tokens_per_audio=n_audio_ctx // ds_rate)
-
-
 def expected_state(config) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Key -> shape of the target model, built on the meta device (no memory)."""
     from llama_omni_hf.modeling_llama_omni import LlamaOmniForConditionalGeneration
@@ -179,8 +157,11 @@ def write_weights(directory: Path, entries, sources: Sources, dtype, keep_fp32, 
     writer = StreamingShardWriter(directory, plan_shards(planned, max_shard_bytes))
     try:
         for e in ordered:
-            writer.write(e.target, convert_tensor(e, sources).to(dtypes[e.target]))
-            monitor.sample()
+            source = convert_tensor(e, sources)
+            converted = source.to(dtypes[e.target])
+            monitor.sample()  # both copies alive: the peak of this step
+            writer.write(e.target, converted)
+            del source, converted
         writer.close()
     finally:
         writer.abort()
@@ -207,79 +188,67 @@ def read_inputs(args) -> tuple[dict, dict | None, Sources]:
         raise ConversionError("pass --vocoder-checkpoint g_00500000 and --vocoder-config config.json (fairseq's unit "
                               "HiFi-GAN), or --no-vocoder for a model that stops at speech units")
     shards = ShardSet(checkpoint)
+    in_shards = any(k.startswith(ENCODER_PREFIX) for k in shards.shapes)
+    if args.whisper_source == "whisper" and whisper is None:
+        raise ConversionError("--whisper-source whisper needs --whisper-checkpoint large-v3.pt")
+    if args.whisper_source == "checkpoint" and not in_shards:
+        raise ConversionError(f"--whisper-source checkpoint: the shards hold no Whisper encoder ({ENCODER_PREFIX}*)")
     if dims is None:
-        if not any(k.startswith(ENCODER_PREFIX) for k in shards.shapes):
-            shards.close()
+        if not in_shards:
             raise ConversionError(f"the shards in {checkpoint} hold no Whisper encoder ({ENCODER_PREFIX}*); "
                                   "pass --whisper-checkpoint large-v3.pt")
         dims = whisper_dims_from_shapes(shards.shapes, ENCODER_PREFIX)
     return released, vocoder_kwargs, Sources(shards, dims, whisper, vocoder)
 
 
-def build_generation_config(checkpoint: Path, config, tokenizer):
-    """The released sampling defaults (Llama-3.1-Instruct's), kept as released, plus a pad token."""
-    from transformers import GenerationConfig
-
-    text = config.text_config
-    if (checkpoint / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(str(checkpoint))
-    else:
-        generation = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id)
-    if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
-        generation.pad_token_id = tokenizer.pad_token_id
-    return generation
-
-
-def write_repo_files(directory: Path, config, processor, generation, card: str):
-    from llama_omni_hf.tiny import _write_remote_code  # copies the 4 remote files, sets every auto_map
-
-    config.architectures = ["LlamaOmniForConditionalGeneration"]
-    config.save_pretrained(directory)
-    generation.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    _write_remote_code(directory)
-    (directory / "README.md").write_text(card)
+def prepare(args) -> dict:
+    """Read and check everything; nothing is written. Returns what `convert` needs."""
+    released, vocoder_kwargs, sources = read_inputs(args)
+    plan = map_keys(sources.shapes())
+    entries, pairs, whisper_used = choose_sources(plan, args.whisper_source)
+    dims = sources.whisper_dims
+    adaptor = entries.get("speech_adaptor.linear1.weight")  # its width is not in the released config
+    processor = build_processor(Path(args.checkpoint), int(dims["n_mels"]), int(dims["n_audio_ctx"]),
+                                int(released["speech_encoder_ds_rate"]))
+    config, notes = build_config(released, Path(args.checkpoint) / "config.json", dims,
+                                 adaptor.shape[0] if adaptor else 2048, vocoder_kwargs,
+                                 processor.speech_token_id, args.dtype)
+    if config.speech_token_id < config.text_config.vocab_size:
+        notes.append(f"the tokenizer's <speech> id {config.speech_token_id} lies inside the LLM vocabulary "
+                     f"({config.text_config.vocab_size}); the released Llama-3 tokenizer gives {128256}, just after it")
+    expected, keep_fp32 = expected_state(config)
+    problems = check_against_model(entries, expected, plan)
+    if problems:
+        raise ConversionError("the inputs do not match LlamaOmniForConditionalGeneration:\n" + "\n".join(problems))
+    agreement = check_whisper_agreement(pairs, sources, strict=args.whisper_source == "auto")
+    summary = {
+        "output_dir": str(Path(args.output_dir).absolute()), "dtype": args.dtype,
+        "parameters": sum(_numel(e.shape) for e in entries.values()), "tensors": len(entries),
+        "whisper_source": whisper_used + (f"; {agreement}" if agreement else ""),
+        "dropped": _dropped_summary(plan.dropped), "notes": notes,
+        "largest_tensor_bytes": max(PlannedTensor(e.target, e.shape, DTYPES[args.dtype]).nbytes
+                                    for e in entries.values()),
+        "sources": {k: str(Path(v).absolute()) for k, v in (
+            ("released checkpoint", args.checkpoint), ("Whisper checkpoint", args.whisper_checkpoint),
+            ("vocoder checkpoint", args.vocoder_checkpoint), ("vocoder config", args.vocoder_config)) if v},
+    }
+    return dict(sources=sources, entries=entries, config=config, processor=processor, keep_fp32=keep_fp32,
+                generation=build_generation_config(Path(args.checkpoint), config, processor.tokenizer),
+                summary=summary)
 
 
 def convert(args) -> dict:
+    """prepare, then write OUT atomically; returns the summary with time and memory figures."""
     monitor = MemoryMonitor()
-    start, baseline = time.time(), monitor.peak_anon
-    released, vocoder_kwargs, sources = read_inputs(args)
-    try:
-        plan = map_keys(sources.shapes())
-        entries, pairs, whisper_used = choose_sources(plan, args.whisper_source)
-        dims = sources.whisper_dims
-        adaptor = entries.get("speech_adaptor.linear1.weight")
-        processor = build_processor(Path(args.checkpoint), int(dims["n_mels"]), int(dims["n_audio_ctx"]),
-                                    int(released["speech_encoder_ds_rate"]))
-        config, notes = build_config(released, Path(args.checkpoint) / "config.json", dims,
-                                     adaptor.shape[0] if adaptor else 2048, vocoder_kwargs,
-                                     processor.speech_token_id, args.dtype)
-        expected, keep_fp32 = expected_state(config)
-        problems = check_against_model(entries, expected, plan)
-        if problems:
-            raise ConversionError("the inputs do not match LlamaOmniForConditionalGeneration:\n" + "\n".join(problems))
-        agreement = check_whisper_agreement(pairs, sources, strict=args.whisper_source == "auto")
-        generation = build_generation_config(Path(args.checkpoint), config, processor.tokenizer)
-        summary = {
-            "output_dir": str(Path(args.output_dir).absolute()), "dtype": args.dtype,
-            "parameters": sum(_numel(e.shape) for e in entries.values()), "tensors": len(entries),
-            "whisper_source": whisper_used + (f"; {agreement}" if agreement else ""),
-            "dropped": _dropped_summary(plan.dropped), "notes": notes,
-            "sources": {k: str(Path(v).absolute()) for k, v in (
-                ("released checkpoint", args.checkpoint), ("Whisper checkpoint", args.whisper_checkpoint),
-                ("vocoder checkpoint", args.vocoder_checkpoint), ("vocoder config", args.vocoder_config)) if v},
-        }
-        with atomic_directory(Path(args.output_dir), args.overwrite) as tmp:
-            summary["bytes"] = write_weights(tmp, entries, sources, DTYPES[args.dtype], keep_fp32,
-                                             parse_size(args.max_shard_size), monitor)
-            card = render_model_card(args.repo_id or MODEL_ID_PLACEHOLDER, config, summary)
-            write_repo_files(tmp, config, processor, generation, card)
-    finally:
-        sources.shards.close()
-    largest = max(PlannedTensor(e.target, e.shape, DTYPES[args.dtype]).nbytes for e in entries.values())
-    summary.update(seconds=time.time() - start, baseline_anon_bytes=baseline, largest_tensor_bytes=largest,
-                   **monitor.report())
+    start, baseline = time.time(), monitor.rss()
+    p = prepare(args)
+    summary = p["summary"]
+    with atomic_directory(Path(args.output_dir), args.overwrite) as tmp:
+        summary["bytes"] = write_weights(tmp, p["entries"], p["sources"], DTYPES[args.dtype], p["keep_fp32"],
+                                         parse_size(args.max_shard_size), monitor)
+        card = render_model_card(args.repo_id or MODEL_ID_PLACEHOLDER, p["config"], summary)
+        write_repo_files(tmp, p["config"], p["processor"], p["generation"], card)
+    summary.update(seconds=time.time() - start, baseline_rss_bytes=baseline, **monitor.report())
     return summary
 
 
@@ -297,19 +266,10 @@ def _dropped_summary(dropped: dict[str, str]) -> list[str]:
     return [f"{count} keys: {reason}" for reason, count in sorted(reasons.items())]
 
 
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise ConversionError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
-
-
-# Largest tensor of the 8B release: embed_tokens / lm_head, 128256 x 4096 in fp16.
+# The 8B release: its largest tensor (embed_tokens / lm_head, 128256 x 4096 fp16) and its Whisper-large-v3
+# encoder (read from the memory-mapped large-v3.pt).
 REAL_LARGEST_TENSOR_BYTES = 128256 * 4096 * 2
+REAL_WHISPER_ENCODER_BYTES = 635_000_000
 
 
 def print_summary(s: dict):
@@ -321,12 +281,13 @@ def print_summary(s: dict):
         print(f"dropped {line}")
     for note in s["notes"]:
         print(f"note: {note}")
-    print(f"peak memory: {s['peak_anon_bytes'] / gib:.2f} GiB anonymous (before reading: "
-          f"{s['baseline_anon_bytes'] / gib:.2f} GiB; largest tensor {s['largest_tensor_bytes'] / gib:.3f} GiB), "
-          f"{s['peak_rss_bytes'] / gib:.2f} GiB resident including memory-mapped input pages")
-    estimate = s["baseline_anon_bytes"] + 2 * REAL_LARGEST_TENSOR_BYTES
-    print(f"estimate for the 8B release: ~{estimate / gib:.1f} GiB anonymous (baseline + source and converted "
-          f"copy of its largest tensor, {REAL_LARGEST_TENSOR_BYTES / gib:.2f} GiB)")
+    print(f"peak memory: {s['peak_rss_bytes'] / gib:.2f} GiB resident ({s['peak_anon_bytes'] / gib:.2f} GiB "
+          f"anonymous); {s['baseline_rss_bytes'] / gib:.2f} GiB before reading inputs; largest tensor "
+          f"{s['largest_tensor_bytes'] / gib:.3f} GiB")
+    estimate = s["baseline_rss_bytes"] + 2 * REAL_LARGEST_TENSOR_BYTES + REAL_WHISPER_ENCODER_BYTES
+    print(f"estimate for the 8B release: ~{estimate / gib:.1f} GiB resident (that baseline + its largest tensor "
+          f"read and cast, 2 x {REAL_LARGEST_TENSOR_BYTES / gib:.2f} GiB + the memory-mapped Whisper encoder, "
+          f"{REAL_WHISPER_ENCODER_BYTES / gib:.2f} GiB), independent of the shard size")
 
 
 def run_verify(output_dir: Path, dtype: str, max_new_tokens: int) -> int:

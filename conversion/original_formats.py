@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -47,23 +46,24 @@ def parse_ctc_decoder_config(value) -> tuple[int, int, int, int]:
 
 
 class ShardSet:
-    """The released shards: key -> (file, shape, dtype) from the headers; tensors read one at a time."""
+    """The released shards: key -> (file, shape, dtype) from the headers. `safe_open` validates each file
+    (a truncated download fails here); tensors are then read one at a time with plain file reads, not a
+    memory map, so resident memory stays near one tensor instead of growing with the pages touched."""
 
     def __init__(self, checkpoint_dir: Path):
         self.dir = Path(checkpoint_dir)
         self.files = self._shard_files()
-        self._stack = ExitStack()
-        self._handles = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.file_of: dict[str, str] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # key -> absolute [begin, end) in its file
         for name in self.files:
-            handle = self._open(name)
-            for key in handle.keys():
+            self._validate(name)
+            for key, (dtype, shape, begin, end) in _read_header(self.dir / name).items():
                 if key in self.file_of:
                     raise ConversionError(f"key {key} is in both {self.file_of[key]} and {name}")
-                piece = handle.get_slice(key)
-                self.shapes[key], self.dtypes[key], self.file_of[key] = tuple(piece.get_shape()), piece.get_dtype(), name
+                self.shapes[key], self.dtypes[key], self.file_of[key] = shape, dtype, name
+                self._offsets[key] = (begin, end)
         self._check_index()
 
     def _shard_files(self) -> list[str]:
@@ -87,13 +87,12 @@ class ShardSet:
             raise ConversionError(f"shards listed in the index are missing from {self.dir}: {', '.join(missing)}")
         return files
 
-    def _open(self, name: str):
+    def _validate(self, name: str):
         try:
-            handle = self._stack.enter_context(safe_open(str(self.dir / name), framework="pt", device="cpu"))
+            with safe_open(str(self.dir / name), framework="pt", device="cpu"):
+                pass
         except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
             raise ConversionError(f"cannot read shard {self.dir / name}: {err} (truncated or corrupt download?)") from None
-        self._handles[name] = handle
-        return handle
 
     def _check_index(self):
         if self.weight_map is None:
@@ -106,10 +105,33 @@ class ShardSet:
             raise ConversionError("the shard index does not match the shards:\n    " + "\n    ".join(lines))
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self.file_of[key]].get_tensor(key)
+        begin, end = self._offsets[key]
+        data = bytearray(end - begin)
+        with open(self.dir / self.file_of[key], "rb") as f:
+            f.seek(begin)
+            if f.readinto(data) != len(data):
+                raise ConversionError(f"shard {self.file_of[key]} ended inside {key}; was it changed while converting?")
+        dtype = SAFETENSORS_TO_TORCH[self.dtypes[key]]
+        if not data:
+            return torch.zeros(self.shapes[key], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shapes[key])
 
-    def close(self):
-        self._stack.close()
+
+SAFETENSORS_TO_TORCH = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """safetensors header: key -> (dtype code, shape, absolute begin, absolute end)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    start = 8 + size
+    return {k: (v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in header.items()}
 
 
 # --------------------------------------------------------------------------- torch pickles

@@ -124,6 +124,17 @@ class StreamingShardWriter:
             self.file = None
 
 
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * factor)
+    if upper.isdigit():
+        return int(upper)
+    raise ConversionError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+
+
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool = False):
     """Yield a fresh temporary directory next to `out`; rename it to `out` only if the block succeeds.
@@ -153,24 +164,27 @@ def atomic_directory(out: Path, overwrite: bool = False):
 
 
 class MemoryMonitor:
-    """Peak resident memory of this process: all of it (ru_maxrss, includes memory-mapped input pages the
-    kernel can drop at any time) and the anonymous part sampled after every tensor (what really has to fit)."""
+    """Peak memory of this process: resident (ru_maxrss, the true peak, includes memory-mapped input pages)
+    and anonymous (sampled by `sample()` at each tensor's peak: what really has to fit in RAM)."""
 
     def __init__(self):
-        self.peak_anon = self._anon()
+        self.peak_anon = self._status("RssAnon")
 
     @staticmethod
-    def _anon() -> int:
+    def _status(field: str) -> int:
         try:
             for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         except OSError:
             pass
         return 0
 
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
     def sample(self):
-        self.peak_anon = max(self.peak_anon, self._anon())
+        self.peak_anon = max(self.peak_anon, self._status("RssAnon"))
 
     def report(self) -> dict:
         self.sample()

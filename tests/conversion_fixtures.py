@@ -13,7 +13,7 @@ weights and original key names:
 `RefCodeHiFiGAN` is the vocoder written from spec section 5 with torch's own weight-norm modules; the tests
 use it (and openai-whisper's AudioEncoder, transformers' LlamaForCausalLM) as the independent reference.
 
-Command line (memory figures for a mid-sized case):
+Command line (memory figures: mid = LLM ~1.6 GB; real = the released sizes with zero weights, ~20 GB):
     python tests/conversion_fixtures.py --preset mid /tmp/fake-mid
 """
 
@@ -63,6 +63,7 @@ class FakeSizes:
     voc_embedding: int = 16
     voc_dur_hidden: int = 16
     num_shards: int = 2
+    zeros: bool = False  # all-zero weights, built as expanded views (no memory): for the real-size memory run
 
 
 TINY = FakeSizes()
@@ -74,6 +75,11 @@ MID = FakeSizes(
     ctc_intermediate=5504, unit_vocab=1000, voc_channels=512, voc_embedding=128, voc_dur_hidden=128,
     num_shards=4,
 )
+
+# The released sizes (spec section 1), zero weights: only for measuring the converter's memory on the 8B.
+REAL = replace(MID, vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
+               n_audio_state=1280, n_audio_head=20, n_audio_layer=32, n_text_state=1280, n_text_layer=32,
+               adaptor_hidden=2048, ctc_dim=4096, ctc_heads=32, ctc_intermediate=11008, zeros=True)
 
 SYSTEM_FIELDS_OF_THE_RELEASE = dict(
     speech_encoder="models/speech_encoder/large-v3.pt",
@@ -175,9 +181,18 @@ def _perturb_weight_norm(module: nn.Module, gen: torch.Generator):
 # ----------------------------------------------------------------------------- writers
 
 
+ZEROS = False  # set by write_fake_original for FakeSizes.zeros
+
+
 def _randn(gen, *shape, scale=None):
+    if ZEROS:
+        return torch.zeros(()).expand(*shape)  # materialized shard by shard, in fp16, by write_shards
     scale = scale if scale is not None else 1.0 / (shape[-1] ** 0.5)
     return torch.randn(*shape, generator=gen) * scale
+
+
+def _around(gen, size, center):
+    return torch.zeros(()).expand(size) if ZEROS else center + 0.1 * torch.randn(size, generator=gen)
 
 
 def _llama_layer(prefix, hidden, heads, kv_heads, inter, gen):
@@ -190,8 +205,8 @@ def _llama_layer(prefix, hidden, heads, kv_heads, inter, gen):
         f"{prefix}.mlp.gate_proj.weight": _randn(gen, inter, hidden),
         f"{prefix}.mlp.up_proj.weight": _randn(gen, inter, hidden),
         f"{prefix}.mlp.down_proj.weight": _randn(gen, hidden, inter),
-        f"{prefix}.input_layernorm.weight": 1 + 0.1 * torch.randn(hidden, generator=gen),
-        f"{prefix}.post_attention_layernorm.weight": 1 + 0.1 * torch.randn(hidden, generator=gen),
+        f"{prefix}.input_layernorm.weight": _around(gen, hidden, 1.0),
+        f"{prefix}.post_attention_layernorm.weight": _around(gen, hidden, 1.0),
     }
 
 
@@ -200,21 +215,22 @@ def llm_state_dict(s: FakeSizes, vocab_size: int, eos_ids, gen) -> dict:
     sd = {"model.embed_tokens.weight": _randn(gen, vocab_size, s.hidden, scale=1.0)}
     for i in range(s.layers):
         sd.update(_llama_layer(f"model.layers.{i}", s.hidden, s.heads, s.kv_heads, s.intermediate, gen))
-    sd["model.norm.weight"] = 1 + 0.1 * torch.randn(s.hidden, generator=gen)
+    sd["model.norm.weight"] = _around(gen, s.hidden, 1.0)
     lm_head = _randn(gen, vocab_size, s.hidden)
-    lm_head[list(eos_ids)] = 0  # EOS never wins a greedy step, so answers have their full length
+    if not ZEROS:
+        lm_head[list(eos_ids)] = 0  # EOS never wins a greedy step, so answers have their full length
     sd["lm_head.weight"] = lm_head
     sd["model.speech_projector.linear1.weight"] = _randn(gen, s.adaptor_hidden, s.n_audio_state * s.ds_rate)
-    sd["model.speech_projector.linear1.bias"] = 0.1 * torch.randn(s.adaptor_hidden, generator=gen)
+    sd["model.speech_projector.linear1.bias"] = _around(gen, s.adaptor_hidden, 0.0)
     sd["model.speech_projector.linear2.weight"] = _randn(gen, s.hidden, s.adaptor_hidden)
-    sd["model.speech_projector.linear2.bias"] = 0.1 * torch.randn(s.hidden, generator=gen)
+    sd["model.speech_projector.linear2.bias"] = _around(gen, s.hidden, 0.0)
     sd["speech_generator.input_proj.weight"] = _randn(gen, s.ctc_dim, s.hidden)
-    sd["speech_generator.input_proj.bias"] = 0.1 * torch.randn(s.ctc_dim, generator=gen)
+    sd["speech_generator.input_proj.bias"] = _around(gen, s.ctc_dim, 0.0)
     for i in range(s.ctc_layers):
         sd.update(_llama_layer(f"speech_generator.layers.{i}", s.ctc_dim, s.ctc_heads, s.ctc_heads,
                                s.ctc_intermediate, gen))
     sd["speech_generator.output_proj.weight"] = _randn(gen, s.unit_vocab + 1, s.ctc_dim, scale=3 / s.ctc_dim**0.5)
-    sd["speech_generator.output_proj.bias"] = 0.1 * torch.randn(s.unit_vocab + 1, generator=gen)
+    sd["speech_generator.output_proj.bias"] = _around(gen, s.unit_vocab + 1, 0.0)
     return sd
 
 
@@ -227,12 +243,22 @@ def whisper_checkpoint(s: FakeSizes, gen) -> dict:
         n_audio_layer=s.n_audio_layer, n_vocab=s.n_vocab_whisper, n_text_ctx=16, n_text_state=s.n_text_state,
         n_text_head=s.n_audio_head, n_text_layer=s.n_text_layer,
     )
+    if ZEROS:  # real size: shapes from the module built on the meta device, zero data
+        with torch.device("meta"):  # (Whisper() itself builds a sparse buffer, which meta cannot)
+            encoder = whisper.model.AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state,
+                                                 dims.n_audio_head, dims.n_audio_layer)
+            decoder = whisper.model.TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
+                                                dims.n_text_layer)
+            shapes = {f"{name}.{k}": v.shape for name, module in (("encoder", encoder), ("decoder", decoder))
+                      for k, v in module.state_dict().items()}
+        return {"dims": asdict(dims), "model_state_dict": {k: torch.zeros(s_, dtype=torch.float16)
+                                                           for k, s_ in shapes.items()}}
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = whisper.model.Whisper(dims)
     with torch.no_grad():  # LayerNorms start at 1/0: move them so a wrong mapping shows
         for name, p in model.named_parameters():
             if "ln" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+                p.add_(_around(gen, p.shape, 0.0))
     return {"dims": asdict(dims), "model_state_dict": {k: v.half() for k, v in model.state_dict().items()}}
 
 
@@ -288,17 +314,22 @@ def released_config(s: FakeSizes, vocab_size: int, bos: int, eos: list[int]) -> 
 
 
 def write_shards(directory: Path, state_dict: dict, num_shards: int):
-    """fp16 safetensors shards + index, named and laid out as transformers 4.43 saved the release."""
-    keys = list(state_dict)
-    per = -(-len(keys) // num_shards)
-    weight_map, total = {}, 0
-    for i in range(num_shards):
-        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {k: state_dict[k].half().contiguous() for k in keys[i * per:(i + 1) * per]}
-        save_file(part, directory / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    """fp16 safetensors shards of about equal size + index, named as transformers 4.43 saved the release."""
+    sizes = {k: v.numel() * 2 for k, v in state_dict.items()}
+    target = sum(sizes.values()) / num_shards
+    groups, size = [[]], 0
+    for key in state_dict:
+        if groups[-1] and size + sizes[key] > target and len(groups) < num_shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += sizes[key]
+    weight_map = {}
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: state_dict[k].half().contiguous() for k in keys}, directory / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -316,6 +347,8 @@ class FakeOriginal:
 def write_fake_original(root, sizes: FakeSizes = TINY, seed: int = 0, encoder_in_shards: bool = True) -> FakeOriginal:
     from llama_omni_hf.tiny_tokenizer import build_tiny_llama3_tokenizer
 
+    global ZEROS
+    ZEROS = sizes.zeros
     root = Path(root)
     checkpoint = root / "checkpoint"
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -352,9 +385,10 @@ def write_fake_original(root, sizes: FakeSizes = TINY, seed: int = 0, encoder_in
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--preset", choices=["tiny", "mid"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "mid", "real"], default="tiny",
+                        help="real: the released sizes with zero weights (~20 GB on disk), for memory figures")
     args = parser.parse_args(argv)
-    fake = write_fake_original(args.output_dir, {"tiny": TINY, "mid": MID}[args.preset])
+    fake = write_fake_original(args.output_dir, {"tiny": TINY, "mid": MID, "real": REAL}[args.preset])
     size = sum(p.stat().st_size for p in fake.root.rglob("*") if p.is_file())
     print(f"wrote {fake.root} ({size / 2**30:.2f} GiB):")
     print(f"  --checkpoint {fake.checkpoint} --whisper-checkpoint {fake.whisper} "

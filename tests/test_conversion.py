@@ -465,3 +465,28 @@ def test_no_encoder_anywhere_asks_for_the_whisper_checkpoint(fake, tmp_path, cap
     assert "pass --whisper-checkpoint large-v3.pt" in capsys.readouterr().err
     # with the .pt it converts: the encoder then comes from openai-whisper's file alone
     assert convert_llama_omni.main(cli_args(broken, tmp_path / "out")) == 0
+
+
+def test_whisper_source_choice(fake, tmp_path, capsys):
+    broken = copy_original(fake, tmp_path)
+    BREAKAGES["whisper disagrees"][0](broken)  # ln_post.bias differs between the shards and large-v3.pt
+    out = tmp_path / "out"
+    assert convert_llama_omni.main(cli_args(broken, out, "--whisper-source", "checkpoint", "--dtype", "float32")) == 0
+    assert "DIFFER in 1 tensors" in capsys.readouterr().out
+    shards = original_shards(broken)
+    assert torch.equal(load_file(out / "model.safetensors")["speech_encoder.layer_norm.bias"],
+                       shards["model.speech_encoder.ln_post.bias"])
+    args = cli_args(broken, tmp_path / "out2", "--whisper-source", "whisper")
+    i = args.index("--whisper-checkpoint")
+    del args[i:i + 2]
+    assert convert_llama_omni.main(args) == 2
+    assert "--whisper-source whisper needs --whisper-checkpoint" in capsys.readouterr().err
+
+
+def test_without_vocoder(fake, tmp_path, capsys):
+    args = ["--checkpoint", str(fake.checkpoint), "--whisper-checkpoint", str(fake.whisper)]
+    assert convert_llama_omni.main([*args, "--output-dir", str(tmp_path / "a")]) == 2
+    assert "or --no-vocoder" in capsys.readouterr().err
+    assert convert_llama_omni.main([*args, "--output-dir", str(tmp_path / "b"), "--no-vocoder"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["vocoder_config"] is None
+    assert not [k for k in load_file(tmp_path / "b" / "model.safetensors") if k.startswith("vocoder.")]
