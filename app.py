@@ -1,0 +1,324 @@
+"""LLaMA-Omni in the browser: ask by voice, read and hear the answer while it is generated.
+
+    python app.py [--model DIR_OR_HUB_ID] [--device auto] [--dtype auto] [--share]
+                  [--server-name 0.0.0.0] [--server-port 7860]
+
+One process (the original needs a controller, a worker and a web server). Without `--model` (or
+`LLAMA_OMNI_MODEL`) it runs the embedded tiny checkpoint with RANDOM weights: the pipeline is real
+(streaming text, streaming speech, latencies, multi-turn), the answers are noise. The same file is the
+entry of a Hugging Face Space (ZeroGPU through the `spaces` package when it is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import threading
+import time
+import wave
+from contextlib import closing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from llama_omni_hf.audio_io import AudioFileError, load_audio
+from llama_omni_hf.cli import load_model
+
+try:  # ZeroGPU Spaces: a GPU is attached while an answer streams; elsewhere a no-op
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:
+    def gpu(function):
+        return function
+
+SAMPLE_RATE = 16000  # of the speech the model hears and says
+MAX_SECONDS = 30  # Whisper's window: the processor keeps only the first 30 s of a question
+TRAINED_CONTEXT = 2048  # original `tokenizer_model_max_length`: the released model never saw longer inputs
+TYPICAL_ANSWER = 100  # tokens, about four spoken sentences: what "turns that fit" assumes
+MIN_ANSWER = 16  # fewer free positions than this and the conversation is full
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+EXAMPLES = sorted(str(p) for p in (Path(__file__).resolve().parent / "examples").glob("*.wav"))
+TINY_BANNER = (
+    "**Embedded tiny checkpoint with RANDOM weights.** It demonstrates the pipeline only: text and speech "
+    "stream and the latencies are measured, but the answers are noise. Run `python app.py --model "
+    "<converted checkpoint directory or hub id>` (or set `LLAMA_OMNI_MODEL`) for real answers."
+)
+
+
+@dataclass
+class Settings:
+    chunk_size: int = 10  # Omega, units per vocoder call; no seams at any value (vocoded with context)
+    temperature: float = 0.2  # a little sampling: 0 (greedy, the original's script) makes small models loop
+    top_p: float = 0.7
+    max_new_tokens: int = 256
+
+    def generation_kwargs(self) -> dict:
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        return dict(sampling if self.temperature > 0 else dict(do_sample=False), max_new_tokens=self.max_new_tokens)
+
+
+@dataclass
+class Turn:
+    """One finished exchange: the question's audio (at most 30 s) and the model's text answer."""
+
+    audio: np.ndarray
+    rate: int
+    path: str | None  # the uploaded or recorded file, shown in the conversation
+    text: str
+    meta: str  # the latency line shown under the answer
+
+
+@dataclass
+class Update:
+    """The answer so far; `audio` holds only the samples new since the previous update."""
+
+    text: str
+    audio: np.ndarray
+    first_text: float | None  # seconds from the question's arrival
+    first_audio: float | None
+    elapsed: float
+    tokens: int
+    samples: int
+    context: int  # positions used by the conversation including this answer
+    done: bool = False
+
+    def meta(self, settings: Settings, max_context: int, note: str = "", stopped: bool = False) -> str:
+        seconds = lambda value: "-" if value is None else f"{value:.2f} s"  # noqa: E731
+        parts = [f"first text {seconds(self.first_text)}", f"first audio {seconds(self.first_audio)}",
+                 f"{self.tokens} tokens and {self.samples / SAMPLE_RATE:.1f} s of speech in {self.elapsed:.1f} s",
+                 f"Ω {settings.chunk_size}", f"context {self.context}/{max_context}"]
+        return ("*Latency: " + " · ".join(parts) + (" · stopped*" if stopped else "*")
+                + (f"\n\n**Note:** {note}" if note else ""))
+
+
+class Assistant:
+    """Model + processor + the conversation rules (30 s per question, the trained context)."""
+
+    def __init__(self, model, processor, max_context: int = TRAINED_CONTEXT):
+        self.model, self.processor, self.max_context = model, processor, max_context
+        probe = np.random.default_rng(0).uniform(-0.1, 0.1, SAMPLE_RATE // 10).astype(np.float32)
+        length = lambda history: self.inputs(history, probe)["input_ids"].shape[1]  # noqa: E731
+        self.first_turn = length([])  # positions of a first question's prompt, then what a follow-up adds
+        self.next_turn = length([Turn(probe, SAMPLE_RATE, None, "", "")]) - self.first_turn
+
+    def turns_left(self, used: int = 0, answer: int = TYPICAL_ANSWER) -> int:
+        """How many more questions with `answer`-token answers fit after `used` positions."""
+        first = self.first_turn + answer if used == 0 else self.next_turn + answer
+        free = self.max_context - used
+        return 0 if free < first else 1 + (free - first) // (self.next_turn + answer)
+
+    @staticmethod
+    def read_question(path) -> tuple[np.ndarray, int, str]:
+        """Audio file -> (samples cut to 30 s, rate, a note saying what was cut); AudioFileError if unreadable."""
+        try:
+            samples, rate = load_audio(path)
+        except AudioFileError as error:  # the server's temp path means nothing to the user: keep the name
+            raise AudioFileError(str(error).replace(str(path), Path(path).name)) from None
+        seconds = samples.shape[-1] / rate
+        note = ""
+        if seconds > MAX_SECONDS:
+            note = (f"The question lasts {seconds:.1f} s; only its first {MAX_SECONDS} s were heard "
+                    f"(the last {seconds - MAX_SECONDS:.1f} s were ignored).")
+            samples = samples[..., : MAX_SECONDS * rate]
+        return samples, rate, note
+
+    def inputs(self, history: list[Turn], samples: np.ndarray, rate: int = SAMPLE_RATE):
+        """Every earlier question (audio) and answer (text), then the new question -> model inputs."""
+        ask = lambda audio, rate: {"role": "user", "content": [  # noqa: E731
+            {"type": "audio", "audio": audio, "sampling_rate": rate}]}
+        conversation = [m for t in history for m in (ask(t.audio, t.rate), {"role": "assistant", "content": t.text})]
+        try:
+            return self.processor.apply_chat_template(conversation + [ask(samples, rate)],
+                                                      add_generation_prompt=True, tokenize=True)
+        except ValueError as error:  # earlier turns were checked when asked: the new question is at fault
+            raise ValueError(re.sub(r"audio\[\d+\]", "the question", str(error))) from None
+
+    def answer(self, history: list[Turn], samples: np.ndarray, rate: int, settings: Settings,
+               started: float | None = None):
+        """Stream one answer as `Update`s. Closing this generator stops generation at the next step."""
+        started = time.perf_counter() if started is None else started
+        inputs = self.inputs(history, samples, rate).to(self.model.device)
+        prompt = int(inputs["input_ids"].shape[1])
+        budget = self.max_context - prompt
+        if budget < MIN_ANSWER:
+            raise ValueError(f"This conversation is full: with this question it takes {prompt} of the "
+                             f"{self.max_context} positions the model was trained on, leaving no room for an "
+                             "answer. Press “New conversation”.")
+        options = replace(settings, max_new_tokens=min(settings.max_new_tokens, budget)).generation_kwargs()
+        stream = self.model.generate_stream(**inputs, tokenizer=self.processor.tokenizer,
+                                            chunk_size=settings.chunk_size, **options)
+        update = Update("", np.zeros(0, np.float32), None, None, 0.0, 0, 0, prompt)
+        with closing(stream):
+            for chunk in stream:
+                now, audio = time.perf_counter() - started, chunk.audio.numpy()
+                update.text, update.audio = update.text + chunk.text, audio
+                update.tokens, update.samples = update.tokens + len(chunk.token_ids), update.samples + len(audio)
+                if update.first_text is None and update.text.strip():
+                    update.first_text = now
+                if update.first_audio is None and len(audio):
+                    update.first_audio = now
+                update.elapsed, update.context, update.done = now, prompt + update.tokens, chunk.is_final
+                if chunk.text or len(audio) or chunk.is_final:  # units alone change nothing on screen
+                    yield replace(update)  # a snapshot: callers may keep it
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """16-bit mono WAV: Gradio streams it without re-encoding or per-chunk peak normalization."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1), writer.setsampwidth(2), writer.setframerate(SAMPLE_RATE)
+        writer.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def chat_messages(history: list[Turn], path: str | None = None, text: str | None = None, meta: str = "") -> list[dict]:
+    messages = []
+    pending = [] if text is None else [Turn(np.zeros(0), SAMPLE_RATE, path, text, meta)]
+    for turn in history + pending:
+        if turn.path:
+            messages.append({"role": "user", "content": {"path": turn.path}})
+        text = CONTROL_CHARACTERS.sub("", turn.text)  # a random-weight model emits them; they render as boxes
+        messages.append({"role": "assistant", "content": text + (f"\n\n{turn.meta}" if turn.meta else "")})
+    return messages
+
+
+def context_info(assistant: Assistant, used: int = 0) -> str:
+    trained = " (what the released model was trained on)" if assistant.max_context == TRAINED_CONTEXT else ""
+    return (f"Context: {used} of {assistant.max_context} positions{trained}. Each spoken question takes 300 positions plus "
+            f"its prompt and answer: with ~{TYPICAL_ANSWER}-token answers, about **{assistant.turns_left(used)} more turn(s)** fit"
+            + (" in a new conversation." if used == 0 else "."))
+
+
+class Handlers:
+    """The app's event handlers; `generate` streams `Update`s (the ZeroGPU-decorated part)."""
+
+    def __init__(self, assistant: Assistant, generate):
+        self.assistant, self.generate = assistant, generate
+        self.stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
+
+    def respond(self, path, history, chunk_size, temperature, top_p, max_new_tokens, request: gr.Request):
+        """Yields (conversation, new speech, history, context line) while the answer streams."""
+        started = time.perf_counter()
+        stop = self.stops.setdefault(request.session_hash, threading.Event())
+        stop.clear()
+        settings = Settings(int(chunk_size), float(temperature), float(top_p), int(max_new_tokens))
+        try:
+            if not path:
+                raise ValueError("No question yet: record one with the microphone or upload an audio file.")
+            samples, rate, note = self.assistant.read_question(path)
+            if note:
+                gr.Warning(note)
+            with closing(self.generate(history, samples, rate, settings, started)) as updates:
+                yield chat_messages(history, path, "…"), gr.skip(), history, gr.skip()
+                for update in updates:
+                    meta = update.meta(settings, self.assistant.max_context, note, stop.is_set())
+                    audio = wav_bytes(update.audio) if len(update.audio) else gr.skip()  # the player keeps going
+                    yield chat_messages(history, path, update.text or "…", meta), audio, history, gr.skip()
+                    if stop.is_set():
+                        break  # leaving the `with` closes the stream: generation ends at its next step
+        except ValueError as error:  # no, unreadable, empty or silent audio; a full conversation
+            gr.Warning(str(error))  # a toast, and a notice under the conversation that is not part of it
+            notice = {"role": "assistant", "content": f"**Cannot answer:** {error}"}
+            yield chat_messages(history) + [notice], gr.skip(), history, gr.skip()
+            return
+        meta = update.meta(settings, self.assistant.max_context, note, stopped=not update.done)
+        history = history + [Turn(samples, rate, path, update.text, meta)]
+        yield chat_messages(history), gr.skip(), history, context_info(self.assistant, update.context)
+
+    def respond_to_change(self, path, history, chunk_size, temperature, top_p, max_new_tokens,
+                          request: gr.Request):
+        """Recording stopped, file uploaded or example picked: answer. Input cleared: nothing to do."""
+        if not path:
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        yield from self.respond(path, history, chunk_size, temperature, top_p, max_new_tokens, request)
+
+    def stop(self, request: gr.Request):
+        self.stops.setdefault(request.session_hash, threading.Event()).set()
+
+    def new_conversation(self):
+        return [], [], None, context_info(self.assistant)
+
+
+def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 1) -> gr.Blocks:
+    @gpu  # plain-data arguments and results: ZeroGPU runs this in a worker process
+    def generate(history, samples, rate, settings, started):
+        yield from assistant.answer(history, samples, rate, settings, started)
+
+    handlers = Handlers(assistant, generate)
+    with gr.Blocks(title="LLaMA-Omni") as demo:
+        gr.Markdown("# LLaMA-Omni\nAsk a question out loud: the answer's text appears and its speech plays while "
+                    "the model is still generating. Earlier turns stay in the conversation.")
+        if banner:
+            gr.Markdown(banner, elem_id="banner")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+                info = gr.Markdown(context_info(assistant), elem_id="context-info")
+            with gr.Column(scale=2):
+                question = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question",
+                                    elem_id="question")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    new = gr.Button("New conversation", elem_id="new")
+                speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False,
+                                  elem_id="answer-audio")
+                with gr.Accordion("Generation settings", open=False):
+                    chunk_size = gr.Slider(1, 500, Settings.chunk_size, step=1, label="Chunk size Ω (units)",
+                                           info="Units per vocoder call: smaller = earlier first audio, more calls")
+                    temperature = gr.Slider(0, 1, Settings.temperature, step=0.05, label="Temperature",
+                                            info="0 = greedy")
+                    top_p = gr.Slider(0.05, 1, Settings.top_p, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(16, 1024, Settings.max_new_tokens, step=8, label="Max new tokens")
+                gr.Examples([[p] for p in EXAMPLES], inputs=[question],
+                            label="Spoken examples (espeak-ng; `bash scripts/make_examples.sh` remakes them)")
+        inputs = [question, history, chunk_size, temperature, top_p, max_new_tokens]
+        model_event = dict(concurrency_limit=concurrency_limit, concurrency_id="model")  # one model: one queue
+        answer = dict(outputs=[chatbot, speech, history, info], show_progress="minimal", **model_event)
+        ask.click(handlers.respond, inputs, api_name="answer", **answer)
+        question.change(handlers.respond_to_change, inputs, api_visibility="private", **answer)
+        stop.click(handlers.stop, api_name="stop", queue=False)
+        # stop a running answer, then reset once it has ended (so it cannot write into the new conversation)
+        new.click(handlers.stop, api_visibility="private", queue=False).then(
+            handlers.new_conversation, None, [chatbot, history, speech, info], api_name="new_conversation",
+            **model_event)
+    demo.queue(max_size=32)
+    return demo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.environ.get("LLAMA_OMNI_MODEL"),
+                        help="local directory or hub id (default: the embedded tiny random-weight checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--max-context", type=int, default=TRAINED_CONTEXT,
+                        help="positions a conversation may use (the released model was trained on 2048)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--server-name", default=None, help="e.g. 0.0.0.0 to listen on every interface")
+    parser.add_argument("--server-port", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(args.model, device, args.dtype)
+    assistant = Assistant(model, processor, args.max_context)
+    demo = build_demo(assistant, banner="" if args.model else TINY_BANNER)
+    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The Gradio app (app.py): the answer generator, then `python app.py` end to end through gradio_client."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import app  # noqa: E402
+
+QUESTION = ROOT / "examples" / "capital_of_france.wav"
+FOLLOW_UP = ROOT / "examples" / "ocean_fact.wav"
+# The tiny model's greedy answer repeats one token, whose units collapse to a handful: sampling gives the
+# varied answer (and so the steady stream of units) a real model produces.
+SAMPLING = app.Settings(chunk_size=10, temperature=0.7, top_p=0.9, max_new_tokens=48)
+
+
+def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    reference, estimate = reference.astype(np.float64), estimate.astype(np.float64)
+    return float(10 * np.log10((reference ** 2).sum() / max(((reference - estimate) ** 2).sum(), 1e-300)))
+
+
+@pytest.fixture(scope="module")
+def assistant(model, processor):
+    return app.Assistant(model, processor)
+
+
+@pytest.fixture(scope="module")
+def question():
+    samples, rate, note = app.Assistant.read_question(QUESTION)
+    assert note == "" and rate == 16000
+    return samples, rate
+
+
+def generator_threads():
+    return [t for t in threading.enumerate() if t.name == "llama-omni-generate" and t.is_alive()]
+
+
+# --- the answer generator -------------------------------------------------------------------------------
+
+def test_text_streams_in_several_updates_and_audio_starts_before_the_text_is_complete(assistant, question):
+    torch.manual_seed(0)
+    updates = list(assistant.answer([], *question, SAMPLING))
+    final = updates[-1]
+    assert final.done and not any(u.done for u in updates[:-1])
+    texts = [u.text for u in updates]
+    assert len(set(t for t in texts if t)) >= 3, texts  # the text grows in several steps
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    first_audio = next(i for i, u in enumerate(updates) if len(u.audio))
+    assert len(updates[first_audio].text) < len(final.text) and updates[first_audio].tokens < final.tokens
+    assert sum(len(u.audio) for u in updates) == final.samples > 0
+    assert 0 < final.first_text <= final.elapsed and 0 < final.first_audio < final.elapsed
+    assert final.context == assistant.first_turn + final.tokens
+
+
+def test_streamed_speech_equals_the_offline_answer(assistant, question, model, processor):
+    torch.manual_seed(1)
+    updates = list(assistant.answer([], *question, SAMPLING))
+    streamed = np.concatenate([u.audio for u in updates])
+    inputs = assistant.inputs([], *question)
+    torch.manual_seed(1)
+    offline = model.generate(**inputs, return_dict_in_generate=True, **SAMPLING.generation_kwargs())
+    answer = offline.sequences[0, inputs["input_ids"].shape[1]:]
+    assert updates[-1].text == processor.decode(answer, skip_special_tokens=True)
+    assert updates[-1].tokens == len(answer)
+    reference = offline.audio[0].numpy()
+    assert streamed.shape == reference.shape and len(reference) > 0
+    assert snr_db(reference, streamed) > 15.0  # chunks vocoded with context: no seams (test_streaming.py)
+
+
+def test_closing_the_answer_stops_generation_promptly(assistant, question):
+    settings = app.Settings(10, 0.7, 0.9, max_new_tokens=1000)
+    torch.manual_seed(2)
+    answer = assistant.answer([], *question, settings)
+    update = next(u for u in answer if u.text)
+    assert generator_threads()
+    started = time.perf_counter()
+    answer.close()  # what the Stop button does
+    assert time.perf_counter() - started < 2.0  # one generation step, even on a busy machine
+    assert not generator_threads()
+    assert update.tokens < 100
+
+
+def test_follow_up_questions_keep_earlier_turns_in_the_prompt(assistant, question, processor):
+    history = [app.Turn(*question, None, "Paris is the capital of France.", "")]
+    follow_up, rate = soundfile.read(FOLLOW_UP, dtype="float32")
+    inputs = assistant.inputs(history, follow_up, rate)
+    assert inputs["input_features"].shape[0] == 2
+    ids = inputs["input_ids"][0]
+    assert int((ids == processor.speech_token_id).sum()) == 2 * 300
+    text = processor.decode(ids[ids != processor.speech_token_id])
+    assert "Paris is the capital of France." in text and text.count("<|start_header_id|>user") == 2
+    assert ids.shape[0] > assistant.first_turn + 300
+    assert assistant.next_turn > 300  # a follow-up costs its 300 speech positions plus its prompt
+
+
+def test_turns_that_fit_in_the_trained_context(assistant):
+    turns = assistant.turns_left()
+    used, fitted = 0, 0
+    while True:  # simulate questions with typical answers
+        used += (assistant.first_turn if used == 0 else assistant.next_turn) + app.TYPICAL_ANSWER
+        if used > app.TRAINED_CONTEXT:
+            break
+        fitted += 1
+    assert turns == fitted >= 2
+    assert f"about **{turns} more turn(s)** fit" in app.context_info(assistant)
+    assert assistant.turns_left(app.TRAINED_CONTEXT - 10) == 0
+
+
+def test_a_full_conversation_is_refused_and_a_nearly_full_one_gives_a_short_answer(model, processor, question):
+    small = app.Assistant(model, processor, max_context=0)
+    small.max_context = small.first_turn + 24  # room for one short answer only
+    torch.manual_seed(3)
+    final = list(small.answer([], *question, SAMPLING))[-1]
+    assert final.tokens <= 24 and final.context <= small.max_context
+    history = [app.Turn(*question, None, final.text, "")]
+    with pytest.raises(ValueError, match="This conversation is full: .* Press “New conversation”"):
+        next(small.answer(history, *question, SAMPLING))
+
+
+def test_bad_audio_gives_readable_errors(assistant, tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    with pytest.raises(ValueError, match="cannot read corrupt.wav as audio"):
+        assistant.read_question(corrupt)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="audio file is empty"):
+        assistant.read_question(tmp_path / "empty.wav")
+    with pytest.raises(ValueError, match=r"^the question is silent"):
+        next(assistant.answer([], np.zeros(16000, np.float32), 16000, SAMPLING))
+
+
+def test_questions_over_30_seconds_are_cut_with_a_note(tmp_path, question):
+    samples, rate = question
+    long = np.tile(samples, 35 * rate // len(samples) + 1)[: 35 * rate]
+    soundfile.write(tmp_path / "long.wav", long, rate)
+    cut, rate, note = app.Assistant.read_question(tmp_path / "long.wav")
+    assert cut.shape == (30 * rate,)
+    assert note == "The question lasts 35.0 s; only its first 30 s were heard (the last 5.0 s were ignored)."
+
+
+def test_wav_chunks_are_16_bit_without_normalization():
+    chunk = app.wav_bytes(np.array([0.0, 0.5, -1.0, 2.0], np.float32))
+    samples, rate = soundfile.read(__import__("io").BytesIO(chunk), dtype="int16")
+    assert rate == 16000 and samples.tolist() == [0, 16383, -32767, 32767]
+
+
+# --- python app.py, end to end ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_app(directory: Path, *args: str, timeout: float = 120.0):
+    """Start `python app.py` on 127.0.0.1 with a free port; return (process, url, log path)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1",
+           "LLAMA_OMNI_CACHE": str(directory / "cache"), "GRADIO_TEMP_DIR": str(directory / "gradio")}
+    log = directory / "app.log"
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--server-name", "127.0.0.1",
+                                "--server-port", str(port), *args],
+                               cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"app.py did not start in {timeout} s:\n{log.read_text()}")
+
+
+def stop_app(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_checkpoint):
+    """The app on the session's tiny checkpoint; a small context so a few turns fill it."""
+    process, url, log = launch_app(tmp_path_factory.mktemp("app"), "--model", str(tiny_checkpoint),
+                                   "--max-context", "1000")
+    yield url
+    stop_app(process)
+    print(log.read_text()[-3000:])
+
+
+@pytest.fixture
+def client(served, tmp_path):
+    from gradio_client import Client
+
+    return Client(served, verbose=False, download_files=False)
+
+
+def ask(client, path, settings=SAMPLING):
+    from gradio_client import handle_file
+
+    return client.submit(handle_file(str(path)) if path else None, settings.chunk_size, settings.temperature,
+                         settings.top_p, settings.max_new_tokens, api_name="/answer")
+
+
+def last_answer(outputs) -> str:
+    chat = outputs[0]
+    return chat[-1]["content"][0]["text"] if chat and chat[-1]["role"] == "assistant" else ""
+
+
+def seconds(meta: str, name: str) -> float:
+    return float(re.search(rf"{name} ([0-9.]+) s", meta).group(1))
+
+
+def test_client_receives_streamed_text_and_audio(client, served):
+    job = ask(client, QUESTION)
+    updates = list(job)
+    final = job.outputs()[-1]
+    answers = [last_answer(u) for u in updates]
+    assert len({a.split("\n\n*Latency")[0] for a in answers if a and a != "…"}) >= 3  # text in several updates
+    chat = final[0]
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert chat[0]["content"][0]["type"] == "file" and chat[0]["content"][0]["file"]["path"].endswith(".wav")
+    meta = last_answer(final)
+    first_text, first_audio = seconds(meta, "first text"), seconds(meta, "first audio")
+    speech = float(re.search(r"and ([0-9.]+) s of speech", meta).group(1))
+    assert 0 < first_text < 30 and 0 < first_audio < 30 and speech > 0
+    pieces = [i for i, u in enumerate(updates) if isinstance(u[1], dict) and u[1].get("is_stream")]
+    assert len(pieces) >= 2 and answers[pieces[0]] != answers[-1]  # speech in pieces, before the text ended
+    audio = updates[pieces[-1]][1]
+    assert audio["url"].endswith("playlist.m3u8")
+    playlist = httpx.get(audio["url"]).text
+    durations = [float(d) for d in re.findall(r"#EXTINF:([0-9.]+),", playlist)]
+    assert "#EXT-X-ENDLIST" in playlist and len(durations) >= 2  # the player got the speech in several pieces
+    assert abs(sum(durations) - speech) < 0.15  # AAC frames round each piece up to 64 ms
+    assert re.match(r"Context: \d+ of 1000 positions", final[2])
+
+
+def test_client_follow_ups_until_the_context_is_full_then_new_conversation(client):
+    turns = 0
+    while True:
+        job = ask(client, QUESTION if turns % 2 == 0 else FOLLOW_UP)
+        job.result()
+        if "This conversation is full" in last_answer(job.outputs()[-1]):
+            assert "Press “New conversation”" in last_answer(job.outputs()[-1])
+            break
+        turns += 1
+        assert [m["role"] for m in job.outputs()[-1][0]] == ["user", "assistant"] * turns
+        assert turns < 6
+    assert turns >= 2  # 1000 positions hold two questions and their answers
+    client.predict(api_name="/new_conversation")
+    job = ask(client, QUESTION)
+    job.result()
+    assert len(job.outputs()[-1][0]) == 2
+
+
+def test_client_stop_button_ends_the_answer_promptly(client):
+    job = ask(client, QUESTION, app.Settings(10, 0.7, 0.9, max_new_tokens=1000))
+    while not any(last_answer(o).split("\n\n")[0] not in ("", "…") for o in job.outputs()):
+        assert not job.done(), "the answer ended before any text arrived"
+        time.sleep(0.02)
+    started = time.monotonic()
+    client.predict(api_name="/stop")
+    job.result(timeout=10)
+    assert time.monotonic() - started < 5.0  # one generation step, even on a busy machine
+    meta = last_answer(job.outputs()[-1])
+    assert "stopped*" in meta
+    assert int(re.search(r"(\d+) tokens", meta).group(1)) < 500
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No question yet: record one with the microphone or upload an audio file."),
+    (b"RIFF\x00\x00\x00\x00WAVEnot really audio",
+     "cannot read question.wav as audio: question.wav: Invalid data found when processing input"),
+    (b"", "audio file is empty: question.wav"),
+    ("silence", "the question is silent (peak below 1e-4): there is no speech to answer"),
+])
+def test_client_bad_inputs_come_back_as_messages(client, tmp_path, content, message):
+    path = None
+    if content is not None:
+        path = tmp_path / "question.wav"
+        if content == "silence":
+            soundfile.write(path, np.zeros(16000, np.float32), 16000)
+        else:
+            path.write_bytes(content)
+    job = ask(client, path)
+    job.result()
+    chat = job.outputs()[-1][0]
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"][0]["text"] == f"**Cannot answer:** {message}"
+
+
+def test_client_long_question_is_answered_with_a_note(client, tmp_path, question):
+    samples, rate = question
+    soundfile.write(tmp_path / "long.wav", np.tile(samples, 33 * rate // len(samples) + 1)[: 33 * rate], rate)
+    job = ask(client, tmp_path / "long.wav", app.Settings(10, 0.7, 0.9, 16))
+    job.result()
+    assert "**Note:** The question lasts 33.0 s; only its first 30 s were heard (the last 3.0 s were ignored)." \
+        in last_answer(job.outputs()[-1])
