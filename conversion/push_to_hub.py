@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import tomllib
@@ -187,7 +188,8 @@ def explain(err: Exception, endpoint: str) -> str | None:
     if isinstance(err, HfHubHTTPError):
         return f"the Hub at {endpoint} answered {status}: {' '.join(str(err).split())[:400]}. {resume}"
     names = {cls.__module__.split(".")[0] for cls in type(err).__mro__}
-    if isinstance(err, OSError) or names & {"httpx", "httpx2", "httpcore", "requests", "urllib3"}:
+    if isinstance(err, (ConnectionError, TimeoutError, socket.gaierror)) or names & {
+            "httpx", "httpx2", "httpcore", "requests", "urllib3"}:
         return f"could not reach the Hub at {endpoint}: {type(err).__name__}: {err}. {resume}"
     return None
 
