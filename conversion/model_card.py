@@ -23,6 +23,10 @@ encoder is OpenAI's Whisper-large-v3 (MIT) and the unit vocoder is fairseq's uni
 re-packages those weights; it grants no rights beyond theirs. The conversion code is Apache-2.0."""
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def render_model_card(model_id: str, config, summary: dict) -> str:
     """summary: facts of this conversion (source files, dtype, parameter count, whisper source, notes)."""
     text = config.text_config
@@ -59,7 +63,7 @@ flash-attention, no pinned transformers version, no relative paths.
 | unit decoder | causal Llama layers + CTC over {config.unit_vocab_size} HuBERT units, x{config.unit_decoder_upsample_factor} upsampling | {config.unit_decoder_num_layers} layers, d={config.unit_decoder_hidden_size} |
 | vocoder | unit HiFi-GAN with duration predictor, 16 kHz | {vocoder} |
 
-Weights: `{summary["dtype"]}`, {summary["parameters"] / 1e9:.2f} B parameters.
+Weights: `{summary["dtype"]}`, {_count(summary["parameters"])} parameters.
 
 ## Licence
 
