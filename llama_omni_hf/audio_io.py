@@ -39,5 +39,6 @@ def load_audio(path) -> tuple[np.ndarray, int]:
     )
     if result.returncode != 0 or not result.stdout:
         message = result.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioFileError(f"cannot read {path.name} as audio: {message[-1] if message else 'no audio stream'}")
+        reason = message[-1].replace(str(path), path.name) if message else "no audio stream"
+        raise AudioFileError(f"cannot read {path.name} as audio: {reason}")
     return np.frombuffer(result.stdout, dtype=np.float32).copy(), 16000

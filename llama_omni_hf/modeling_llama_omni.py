@@ -499,7 +499,9 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         generation_config = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
         if unit_stream is None:
-            unit_stream = self.init_unit_stream(input_ids.shape[0], eos)
+            # transformers repeats each prompt num_return_sequences times before the first step
+            copies = kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
+            unit_stream = self.init_unit_stream(input_ids.shape[0] * copies, eos)
         output = super().generate(
             input_ids=input_ids,
             input_features=input_features,

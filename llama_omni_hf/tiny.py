@@ -32,7 +32,7 @@ AUTO_MAP = {
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llama_omni.LlamaOmniProcessor"}
 DEFAULT_CACHE = Path(os.environ.get("LLAMA_OMNI_CACHE", Path.home() / ".cache" / "llama-omni-hf"))
-TINY_VERSION = "1"  # bump when the tiny layout changes, so cached copies are rebuilt
+TINY_VERSION = "2"  # bump when the tiny layout changes, so cached copies are rebuilt
 
 
 def tiny_config_dict(tokenizer, vocoder: bool = True) -> dict:
@@ -106,6 +106,20 @@ def save_hub_repo(model, processor, output_dir, generation_config=None, max_shar
     return output_dir
 
 
+def _make_tiny_vocoder_audible(vocoder, target_rms: float = 0.1) -> None:
+    """Random weights at std 0.02 make a vocoder whose output is ~1e-10, digital silence in a 16-bit file.
+    Use torch's fan-in init without biases, then scale conv_post so random units give speech-level audio."""
+    for module in vocoder.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        probe = torch.randint(0, vocoder.config.num_embeddings, (1, 64))
+        rms = vocoder(probe)[0].pow(2).mean().sqrt().clamp(min=1e-8)
+        vocoder.conv_post.weight.mul_(torch.atanh(torch.tensor(target_rms)) / rms)
+
+
 def build_tiny_model_and_processor(vocoder: bool = True, seed: int = 0):
     from transformers import GenerationConfig, WhisperFeatureExtractor
 
@@ -115,6 +129,7 @@ def build_tiny_model_and_processor(vocoder: bool = True, seed: int = 0):
     from .tiny_tokenizer import build_tiny_llama3_tokenizer
 
     tokenizer = build_tiny_llama3_tokenizer()
+    tokenizer.model_max_length = 2048  # the original's tokenizer_model_max_length: the trained context
     base_vocab = len(tokenizer)
     config = LlamaOmniConfig(**tiny_config_dict(tokenizer, vocoder=vocoder))
     processor = LlamaOmniProcessor(
@@ -126,6 +141,8 @@ def build_tiny_model_and_processor(vocoder: bool = True, seed: int = 0):
         raise RuntimeError("the <speech> placeholder must be the first id after the LLM vocabulary")
     torch.manual_seed(seed)
     model = LlamaOmniForConditionalGeneration(config).eval()
+    if model.vocoder is not None:
+        _make_tiny_vocoder_audible(model.vocoder)
     text = config.text_config
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,

@@ -565,9 +565,6 @@ def test_repetition_penalty_reaches_the_logits(model, france_inputs):
     assert len(set(penalised)) > len(set(neutral))
 
 
-@pytest.mark.xfail(strict=True, reason="generate() sizes the unit stream with input_ids.shape[0] before transformers "
-                   "expands the batch for num_return_sequences: RuntimeError 'output with shape [1] doesn't match "
-                   "the broadcast shape [2]' in _unit_stream_step")
 @torch.no_grad()
 def test_num_return_sequences_gives_units_per_sequence(sharp_model, france_inputs, france_greedy):
     tokens, states = france_greedy
