@@ -263,7 +263,7 @@ def _dropped_summary(dropped: dict[str, str]) -> list[str]:
     reasons: dict[str, int] = {}
     for reason in dropped.values():
         reasons[reason] = reasons.get(reason, 0) + 1
-    return [f"{count} keys: {reason}" for reason, count in sorted(reasons.items())]
+    return [f"{count} keys: {reason.removeprefix('drop: ')}" for reason, count in sorted(reasons.items())]
 
 
 # The 8B release: its largest tensor (embed_tokens / lm_head, 128256 x 4096 fp16) and its Whisper-large-v3
