@@ -44,11 +44,11 @@ def build_generation_config(checkpoint: Path, config, tokenizer):
 
 
 def write_repo_files(directory: Path, config, processor, generation, card: str):
-    from llama_omni_hf.tiny import _write_remote_code  # copies the 4 remote files, sets every auto_map
+    from llama_omni_hf.tiny import write_remote_code  # copies the 4 remote files, sets every auto_map
 
     config.architectures = ["LlamaOmniForConditionalGeneration"]
     config.save_pretrained(directory)
     generation.save_pretrained(directory)
     processor.save_pretrained(directory)
-    _write_remote_code(directory)
+    write_remote_code(directory)
     (directory / "README.md").write_text(card)

@@ -28,7 +28,6 @@ AUTO_MAP = {
     "AutoConfig": "configuration_llama_omni.LlamaOmniConfig",
     "AutoModel": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
-    "AutoModelForSpeechSeq2Seq": "modeling_llama_omni.LlamaOmniForConditionalGeneration",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llama_omni.LlamaOmniProcessor"}
 DEFAULT_CACHE = Path(os.environ.get("LLAMA_OMNI_CACHE", Path.home() / ".cache" / "llama-omni-hf"))
@@ -64,7 +63,8 @@ def tiny_config_dict(tokenizer, vocoder: bool = True) -> dict:
     return config
 
 
-def _write_remote_code(directory: Path) -> None:
+def write_remote_code(directory: Path) -> None:
+    """Copy the four remote-code files next to config.json and point every Auto class at them."""
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(PACKAGE_DIR / name, directory / name)
     config_path = directory / "config.json"
@@ -96,7 +96,7 @@ def save_hub_repo(model, processor, output_dir, generation_config=None, max_shar
             model.generation_config = generation_config
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
-        _write_remote_code(tmp)
+        write_remote_code(tmp)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
