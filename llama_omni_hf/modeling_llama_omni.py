@@ -418,7 +418,9 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             states = [h[l != IGNORE_INDEX] for h, l in zip(hidden, labels.to(hidden.device))]
             ctc_loss, unit_logits = self.unit_decoder.ctc_loss(states, unit_labels.to(hidden.device))
         loss = None
-        if lm_loss is not None or ctc_loss is not None:
+        if self.training_stage == 2:
+            loss = ctc_loss  # original (tune_speech_generator_only): the plain CTC loss, no weight
+        elif lm_loss is not None or ctc_loss is not None:
             loss = (lm_loss if lm_loss is not None else 0.0) + (
                 self.config.ctc_loss_weight * ctc_loss if ctc_loss is not None else 0.0
             )

@@ -223,3 +223,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(fresh_model):
     assert checkpointed_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stage_two_loss_is_the_unweighted_ctc_loss_as_the_original(fresh_model, france_inputs):
+    model = fresh_model.set_training_stage(2)
+    model.config.ctc_loss_weight = 0.5
+    length = france_inputs["input_ids"].shape[1]
+    labels = torch.full((1, length), IGNORE)
+    labels[0, -5:] = france_inputs["input_ids"][0, -5:]
+    out = model(**france_inputs, labels=labels, unit_labels=torch.tensor([[5, 17, 300, 2]]))
+    assert out.loss.item() == pytest.approx(out.ctc_loss.item())
+    model.set_training_stage(None)
+    both = model(**france_inputs, labels=labels, unit_labels=torch.tensor([[5, 17, 300, 2]]))
+    assert both.loss.item() == pytest.approx(both.lm_loss.item() + 0.5 * both.ctc_loss.item(), rel=1e-5)
