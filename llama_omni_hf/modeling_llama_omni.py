@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlamaModel, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -112,6 +112,43 @@ class _StopEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class UnitDecoderCache:
+    """Key/value cache of the unit decoder, grown by doubling.
+
+    transformers' DynamicCache concatenates at every update, copying the whole cache: with 25 positions per
+    text token that made a step 12x dearer at 1024 tokens than at 64. LlamaAttention needs only `update`;
+    the decoder reads `get_seq_length` once per step, before its layers.
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    @staticmethod
+    def _write(store: list, layer_idx: int, states: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + states.shape[-2]
+        if layer_idx == len(store):
+            store.append(states.new_empty(*states.shape[:-2], max(256, 2 * end), states.shape[-1]))
+        elif end > store[layer_idx].shape[-2]:
+            grown = states.new_empty(*states.shape[:-2], 2 * end, states.shape[-1])
+            grown[..., :start, :] = store[layer_idx][..., :start, :]
+            store[layer_idx] = grown
+        store[layer_idx][..., start:end, :] = states
+        return store[layer_idx][..., :end, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys = self._write(self.keys, layer_idx, key_states, self.length)
+        values = self._write(self.values, layer_idx, value_states, self.length)
+        if layer_idx == self.num_layers - 1:  # the last layer closes the step
+            self.length += key_states.shape[-2]
+        return keys, values
+
+
 @dataclass
 class LlamaOmniUnitStreamState:
     """Incremental unit decoding during generation; owned by the caller, modules hold weights only.
@@ -121,7 +158,7 @@ class LlamaOmniUnitStreamState:
     """
 
     eos_token_ids: torch.LongTensor
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: UnitDecoderCache
     step: int = 0
     finished: torch.BoolTensor | None = None  # [B] row emitted EOS: later states are not part of its answer
     last_frame: torch.LongTensor | None = None  # [B] last CTC frame class, to collapse across step boundaries
@@ -444,6 +481,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         device = self.lm_head.weight.device
         return LlamaOmniUnitStreamState(
             eos_token_ids=torch.tensor(eos, dtype=torch.long, device=device),
+            cache=UnitDecoderCache(self.config.unit_decoder_num_layers),
             finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
             last_frame=torch.full((batch_size,), -1, dtype=torch.long, device=device),
             num_states=torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -482,13 +520,15 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         input_features: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_audio: bool | None = None,
+        return_units: bool = True,
         unit_stream: LlamaOmniUnitStreamState | None = None,
         **kwargs,
     ):
         """transformers' `generate` (any of its sampling arguments, `streamer=`, several EOS ids) that also
         decodes speech units step by step. With `return_dict_in_generate=True` returns a
         [`LlamaOmniGenerateOutput`] with `.sequences` (prompt + answer), `.units` and, when `return_audio`
-        (default: True if the checkpoint has a vocoder), `.audio`."""
+        (default: True if the checkpoint has a vocoder), `.audio`. `return_units=False` runs the LLM alone
+        (text only, as plain Llama generation; `.units` is then None)."""
         if input_ids is None:
             raise ValueError("`input_ids` are required (build them with the LlamaOmniProcessor)")
         if kwargs.get("num_beams", 1) not in (None, 1):
@@ -500,6 +540,12 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             )
         generation_config = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+        if not return_units:
+            if return_audio:
+                raise ValueError("return_audio=True needs the units: do not pass return_units=False")
+            output = super().generate(input_ids=input_ids, input_features=input_features,
+                                      attention_mask=attention_mask, **kwargs)
+            return output if isinstance(output, torch.Tensor) else LlamaOmniGenerateOutput(**dict(output.items()))
         if unit_stream is None:
             # transformers repeats each prompt num_return_sequences times before the first step
             copies = kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1

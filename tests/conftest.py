@@ -6,11 +6,18 @@ settings takes its own copy (`fresh_model`).
 
 from __future__ import annotations
 
-import shutil
+import os
 
-import numpy as np
-import pytest
-import torch
+# The tests start servers and subprocesses next to the test process on 2 cores; spinning OpenMP threads of
+# one process then wait on the other's and tiny ops take milliseconds. One thread each keeps it fast.
+# (Set before torch is imported; child processes inherit it.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from llama_omni_hf.tiny import build_tiny_checkpoint
 

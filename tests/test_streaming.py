@@ -197,3 +197,26 @@ def test_stream_rejects_batches_and_bad_omega(tiny):
         model.generate_stream(**batch)
     with pytest.raises(ValueError, match="chunk_size"):
         model.generate_stream(**inputs, chunk_size=0)
+
+
+def test_unit_decoder_cache_matches_full_recompute_over_many_steps(tiny):
+    """The doubling cache grows several times over 40 steps; units must equal the one-pass computation."""
+    model, _, _ = tiny
+    torch.manual_seed(5)
+    states = torch.randn(40, model.config.text_config.hidden_size)
+    state = model.init_unit_stream(1, eos_token_id=None)
+    with torch.no_grad():
+        for step in range(states.shape[0]):
+            model._unit_stream_step(state, None, states[step][None, None])
+    assert state.cache.get_seq_length() == 40 * model.config.unit_decoder_upsample_factor
+    assert state.units[0] == model.unit_decoder.predict(states)
+
+
+def test_text_only_generation_matches(tiny):
+    model, _, inputs = tiny
+    full = model.generate(**inputs, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
+    text_only = model.generate(**inputs, do_sample=False, max_new_tokens=12, return_units=False,
+                               return_dict_in_generate=True)
+    assert torch.equal(full.sequences, text_only.sequences) and text_only.units is None
+    with pytest.raises(ValueError, match="return_audio=True needs the units"):
+        model.generate(**inputs, max_new_tokens=2, return_units=False, return_audio=True)
