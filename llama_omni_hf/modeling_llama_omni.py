@@ -102,6 +102,36 @@ class _QueueStreamer(BaseStreamer):
             self.user_streamer.end()
 
 
+class _IncrementalText:
+    """Decodes a growing answer into whole words without re-decoding all of it at every token.
+
+    Byte-level BPE (Llama-3) decodes token by token into bytes, so once the decoded text is complete (no
+    partial UTF-8 character at its end) the tokens so far can be folded into a fixed prefix."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.prefix, self.pending, self.sent = tokenizer, "", [], 0
+
+    def _text(self) -> str:
+        tail = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if len(self.pending) >= 8 and not tail.endswith("\ufffd"):
+            self.prefix, self.pending, tail = self.prefix + tail, [], ""
+        return self.prefix + tail
+
+    def add(self, ids: list[int]) -> str:
+        """New whole words (up to the last space), or "" while a word or a character is incomplete."""
+        self.pending.extend(ids)
+        text = self._text()
+        ready = text.rfind(" ") if not text.endswith("\ufffd") else -1
+        if ready <= self.sent:
+            return ""
+        new, self.sent = text[self.sent : ready], ready
+        return new
+
+    def flush(self) -> str:
+        new, self.sent = self._text()[self.sent :], None
+        return new
+
+
 class _StopEvent(StoppingCriteria):
     """Ends generation when the stream's consumer has gone away (iterator closed)."""
 
@@ -616,8 +646,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         return self._stream_chunks(events, stop, thread, vocoder_state, tokenizer)
 
     def _stream_chunks(self, events, stop, thread, vocoder_state, tokenizer):
-        text_ids: list[int] = []
-        text_sent = 0
+        text = _IncrementalText(tokenizer) if tokenizer is not None else None
         empty_ids = torch.zeros(0, dtype=torch.long)
         try:
             while True:
@@ -626,14 +655,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                     raise value
                 chunk = LlamaOmniStreamChunk(token_ids=empty_ids, units=empty_ids, audio=torch.zeros(0))
                 if kind == "tokens":
-                    text_ids.extend(value)
                     chunk.token_ids = torch.tensor(value, dtype=torch.long)
-                    if tokenizer is not None:
-                        text = tokenizer.decode(text_ids, skip_special_tokens=True)
-                        # hold back an unfinished word or a partial multi-byte character
-                        ready = text.rfind(" ") if not text.endswith("\ufffd") else -1
-                        if ready > text_sent:
-                            chunk.text, text_sent = text[text_sent:ready], ready
+                    chunk.text = text.add(value) if text is not None else ""
                 elif kind == "units":
                     chunk.units = torch.tensor(value, dtype=torch.long)
                     if vocoder_state is not None:
@@ -642,8 +665,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                     chunk.is_final = True
                     chunk.sequences = value.sequences
                     chunk.all_units = value.units[0].cpu()
-                    if tokenizer is not None:
-                        chunk.text = tokenizer.decode(text_ids, skip_special_tokens=True)[text_sent:]
+                    chunk.text = text.flush() if text is not None else ""
                     if vocoder_state is not None:
                         chunk.audio = self.vocoder.stream(vocoder_state, [], final=True).float().cpu()
                     yield chunk

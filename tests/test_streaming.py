@@ -220,3 +220,20 @@ def test_text_only_generation_matches(tiny):
     assert torch.equal(full.sequences, text_only.sequences) and text_only.units is None
     with pytest.raises(ValueError, match="return_audio=True needs the units"):
         model.generate(**inputs, max_new_tokens=2, return_units=False, return_audio=True)
+
+
+def test_incremental_text_never_splits_words_or_characters(tiny):
+    from llama_omni_hf.modeling_llama_omni import _IncrementalText
+
+    _, processor, _ = tiny
+    sentence = "Héllo wörld, 日本語 is spoken in Tokyo 🙂 and naïve café crème brûlée " * 3
+    ids = processor.tokenizer(sentence, add_special_tokens=False).input_ids
+    text = _IncrementalText(processor.tokenizer)
+    pieces = [text.add([token]) for token in ids]
+    pieces.append(text.flush())
+    assert "".join(pieces) == processor.tokenizer.decode(ids)
+    words = sentence.split(" ")
+    for piece in filter(None, pieces[:-1]):
+        assert "\ufffd" not in piece
+        # each update ends at a word boundary: it is a run of whole words
+        assert all(word in words for word in piece.strip().split(" "))
