@@ -59,6 +59,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, WhisperFeatureExtra
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from llama_omni_hf.vocoder_llama_omni import DEFAULT_LEFT_CONTEXT, DEFAULT_LOOKAHEAD  # noqa: E402
 from llama_omni_hf.configuration_llama_omni import LlamaOmniConfig  # noqa: E402
 from llama_omni_hf.modeling_llama_omni import LlamaOmniForConditionalGeneration  # noqa: E402
 from llama_omni_hf.processing_llama_omni import LlamaOmniProcessor  # noqa: E402
@@ -643,8 +644,8 @@ def markdown(report, rows) -> str:
         "126 s extrapolated).",
         f"- Vocoder: {s['vocoder_units']} random units. Real-time factor = compute seconds per second of audio (< 1 "
         "is faster than real time). Streamed = units fed text token by text token "
-        f"({s['units_per_token']} per call) to `vocoder.stream` with its defaults (16 units of left context, 2 "
-        "of look-ahead); independent chunks = the original's method (`independent=True`).",
+        f"({s['units_per_token']} per call) to `vocoder.stream` with its defaults ({DEFAULT_LEFT_CONTEXT} units of "
+        f"left context, {DEFAULT_LOOKAHEAD} of look-ahead); independent chunks = the original's method (`independent=True`).",
         "",
     ]
     return "\n".join(out)
