@@ -291,8 +291,9 @@ class LlamaOmniUnitDecoder(nn.Module):
         padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # [B, N, H]
         positions = torch.arange(int(up_lengths.max()), device=padded.device)[None]
         key_padding = positions < up_lengths[:, None]  # [B, T]
-        ratio = up_lengths.double() / src_lengths.clamp(min=1).double()
-        index = (positions.double() / ratio[:, None]).long().masked_fill(~key_padding, 0)
+        # float32 true division, as the original's `_uniform_assignment` (so rounding at boundaries matches)
+        ratio = up_lengths / src_lengths.clamp(min=1)
+        index = (positions / ratio[:, None]).long().masked_fill(~key_padding, 0)
         upsampled = padded.gather(1, index[..., None].expand(-1, -1, padded.shape[-1]))
         return upsampled.masked_fill(~key_padding[..., None], 0.0), key_padding
 
