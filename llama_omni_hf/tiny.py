@@ -162,7 +162,11 @@ def default_tiny_checkpoint() -> Path:
     """The demo's embedded default: built once into the cache directory, reused afterwards."""
     path = DEFAULT_CACHE / f"tiny-random-v{TINY_VERSION}"
     if not (path / "config.json").exists():
-        build_tiny_checkpoint(path)
+        return build_tiny_checkpoint(path)
+    for name in REMOTE_CODE_FILES:  # the weights stay; the remote code follows the installed package
+        source, cached = PACKAGE_DIR / name, path / name
+        if not cached.exists() or cached.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, cached)
     return path
 
 

@@ -48,3 +48,16 @@ def test_bad_config_values_name_the_field():
         LlamaOmniVocoderConfig(upsample_rates=[5, 4, 4, 2, 1], upsample_kernel_sizes=[11, 8, 8, 4, 4])
     with pytest.raises(ValueError, match="unit_vocab_size"):
         LlamaOmniConfig(vocoder_config={"num_embeddings": 500})
+
+
+def test_cached_default_checkpoint_follows_the_package_code(tmp_path, monkeypatch):
+    from llama_omni_hf import tiny
+
+    monkeypatch.setattr(tiny, "DEFAULT_CACHE", tmp_path)
+    path = tiny.default_tiny_checkpoint()
+    stale = path / "modeling_llama_omni.py"
+    stale.write_text("# an older release of the remote code\n")
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+    assert tiny.default_tiny_checkpoint() == path
+    assert stale.read_bytes() == (tiny.PACKAGE_DIR / "modeling_llama_omni.py").read_bytes()
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights  # not rebuilt
