@@ -299,8 +299,9 @@ def parse_args(argv=None):
                         help="local directory or hub id (default: the embedded tiny random-weight checkpoint)")
     parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--max-context", type=int, default=TRAINED_CONTEXT,
-                        help="positions a conversation may use (the released model was trained on 2048)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="positions a conversation may use (default: the tokenizer's model_max_length, the "
+                             "context the model was trained on: 2048 for the release)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--server-name", default=None, help="e.g. 0.0.0.0 to listen on every interface")
     parser.add_argument("--server-port", type=int, default=None)
@@ -315,7 +316,9 @@ def main(argv=None):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args.model, device, args.dtype)
-    assistant = Assistant(model, processor, args.max_context)
+    trained = processor.tokenizer.model_max_length
+    max_context = args.max_context or (trained if trained <= 131072 else TRAINED_CONTEXT)
+    assistant = Assistant(model, processor, max_context)
     demo = build_demo(assistant, banner="" if args.model else TINY_BANNER)
     demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
 

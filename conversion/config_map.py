@@ -33,7 +33,7 @@ DROPPED_FIELDS = {
     "use_cache": "a runtime choice",
     "pretraining_tp": "checked to be 1 (no tensor-parallel slicing)",
     "speech_encoder": "a path relative to the original's working directory; the weights are converted instead",
-    "tokenizer_model_max_length": "training-time truncation of the spliced inputs, not used at inference",
+    "tokenizer_model_max_length": "kept as the tokenizer's model_max_length (the trained context), not in config",
     "tokenizer_padding_side": "training-time padding; the processor pads on the left for generation",
 }
 

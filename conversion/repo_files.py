@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from conversion.original_formats import ConversionError
@@ -21,6 +22,9 @@ def build_processor(checkpoint_dir: Path, n_mels: int, n_audio_ctx: int, ds_rate
         tokenizer.pad_token = "<|finetune_right_pad_id|>"  # Llama-3.1's reserved pad token; batches need one
     # the release says True (transformers 4.43 default); transformers 5 ignores it for BPE and warns at every load
     tokenizer.clean_up_tokenization_spaces = False
+    released = json.loads((checkpoint_dir / "config.json").read_text()) if (checkpoint_dir / "config.json").exists() else {}
+    # the context the model was trained on (inputs were cut there): the app counts conversation turns against it
+    tokenizer.model_max_length = int(released.get("tokenizer_model_max_length", 2048))
     seconds = n_audio_ctx * 2 * 160 / 16000  # encoder positions -> mel frames (stride 2) -> samples (hop 160)
     if seconds != int(seconds):
         raise ConversionError(f"the Whisper encoder's {n_audio_ctx} positions are not a whole number of seconds")

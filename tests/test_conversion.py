@@ -490,3 +490,19 @@ def test_without_vocoder(fake, tmp_path, capsys):
     assert convert_llama_omni.main([*args, "--output-dir", str(tmp_path / "b"), "--no-vocoder"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["vocoder_config"] is None
     assert not [k for k in load_file(tmp_path / "b" / "model.safetensors") if k.startswith("vocoder.")]
+
+
+def test_trained_context_is_kept_as_the_tokenizer_limit(loaded, fake, tmp_path):
+    """The release's `tokenizer_model_max_length` (its training cut-off) becomes model_max_length; the app counts
+    conversation turns against it."""
+    import json
+    import shutil
+
+    from conversion.repo_files import build_processor
+
+    released = json.loads((fake.checkpoint / "config.json").read_text())
+    assert loaded[1].tokenizer.model_max_length == released["tokenizer_model_max_length"]
+    other = tmp_path / "release"
+    shutil.copytree(fake.checkpoint, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    (other / "config.json").write_text(json.dumps(dict(released, tokenizer_model_max_length=1536)))
+    assert build_processor(other, n_mels=128, n_audio_ctx=1500, ds_rate=5).tokenizer.model_max_length == 1536
