@@ -127,7 +127,9 @@ def expected_state(config) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     with torch.device("meta"):
         model = LlamaOmniForConditionalGeneration(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return shapes, list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])  # e.g. the vocoder, as original
+    return shapes, sorted(keep_fp32)
 
 
 def output_dtype(target: str, source_dtype: torch.dtype, dtype: torch.dtype, keep_fp32: list[str]) -> torch.dtype:

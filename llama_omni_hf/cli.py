@@ -17,6 +17,19 @@ def _dtype(name):
     return {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch has no usable CUDA GPU; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but it is not available here; use --device cpu")
+
+
 def load_model(model_id: str | None, device: str = "cpu", dtype: str = "auto"):
     """AutoModel + AutoProcessor with remote code; None = the embedded tiny random-weight checkpoint."""
     from transformers import AutoModel, AutoProcessor
@@ -27,6 +40,9 @@ def load_model(model_id: str | None, device: str = "cpu", dtype: str = "auto"):
         model_id = str(default_tiny_checkpoint())
         print(f"[llama-omni] using the embedded TINY RANDOM-WEIGHT checkpoint at {model_id}: it demonstrates the "
               "pipeline only, its answers are noise. Pass --model for a real model.", file=sys.stderr)
+    elif (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1) and not Path(model_id).expanduser().is_dir():
+        raise ValueError(f"model directory not found: {model_id}")
+    _check_device(device)
     model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=_dtype(dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
     return model, processor
@@ -38,7 +54,12 @@ def _answer(args) -> int:
 
     from .audio_io import load_audio
 
-    recordings = [load_audio(path) for path in args.audio]  # fail on a bad file before loading the model
+    # fail on a bad file or option before loading the model and generating
+    recordings = [load_audio(path) for path in args.audio]
+    if args.output_wav and not Path(args.output_wav).resolve().parent.is_dir():
+        raise ValueError(f"cannot write {args.output_wav}: its directory does not exist")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.chunk_size < 1:
+        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1 and --chunk-size >= 1")
     model, processor = load_model(args.model, args.device, args.dtype)
     options = dict(max_new_tokens=args.max_new_tokens)
     if args.temperature > 0:

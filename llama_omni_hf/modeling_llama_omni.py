@@ -335,6 +335,8 @@ class LlamaOmniPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # the unit decoder needs an explicit 4D causal mask
+    # original: the fairseq vocoder runs in fp32; in fp16 rounded durations flip and the waveform shifts
+    _keep_in_fp32_modules_strict = ["vocoder"]
     _supports_attention_backend = True
 
     @classmethod
@@ -423,6 +425,13 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                     "build both with the LlamaOmniProcessor"
                 )
             return embeds
+        encoder = self.config.speech_encoder_config
+        expected = (encoder.num_mel_bins, 2 * encoder.max_source_positions)  # 128 mels x 3000 frames (30 s)
+        if input_features.ndim != 3 or tuple(input_features.shape[1:]) != expected:
+            raise ValueError(
+                f"input_features must be [n_audio, {expected[0]}, {expected[1]}] log-mel features, got "
+                f"{list(input_features.shape)}; build them with the LlamaOmniProcessor"
+            )
         features = self.get_speech_features(input_features)  # [n_audio, 300, H]
         if features.shape[0] * features.shape[1] != n_placeholders:
             raise ValueError(
@@ -431,7 +440,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                 f"{self.config.speech_tokens_per_audio} (use the LlamaOmniProcessor)"
             )
         # original splicing: the 300 vectors replace the placeholder, positions run straight through
-        return embeds.masked_scatter(is_speech[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        features = features.to(device=embeds.device, dtype=embeds.dtype).reshape(-1, embeds.shape[-1])
+        return embeds.masked_scatter(is_speech[..., None], features)
 
     def forward(
         self,
@@ -613,6 +623,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         """
         if input_ids is None or input_ids.shape[0] != 1:
             raise ValueError("generate_stream takes one conversation (batch size 1); use generate() for batches")
+        if (kwargs.get("num_return_sequences") or 1) != 1 or (kwargs.get("num_beams") or 1) != 1:
+            raise ValueError("generate_stream yields one answer: num_return_sequences and num_beams must be 1")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"`chunk_size` (Omega) must be a positive integer, got {chunk_size!r}")
         events: queue.Queue = queue.Queue()
@@ -643,12 +655,13 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                 options["lookahead"] = vocoder_lookahead
             vocoder_state = self.vocoder.init_stream(**options)
         thread = threading.Thread(target=run, name="llama-omni-generate", daemon=True)
-        thread.start()
         return self._stream_chunks(events, stop, thread, vocoder_state, tokenizer)
 
     def _stream_chunks(self, events, stop, thread, vocoder_state, tokenizer):
+        # generation starts at the first next(): an iterator closed before that never ran anything
         text = _IncrementalText(tokenizer) if tokenizer is not None else None
         empty_ids = torch.zeros(0, dtype=torch.long)
+        thread.start()
         try:
             while True:
                 kind, value = events.get()

@@ -79,11 +79,29 @@ def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int, zeros: int =
     return y[:, : math.ceil(new * length / orig)].reshape(*shape, -1)
 
 
+def _read_audio_file(path) -> tuple[np.ndarray, int]:
+    """[channels, samples] float32 and the rate of a wav/flac/ogg file (soundfile is optional here: the Hub copy
+    of this file must load without it, so the import is guarded)."""
+    try:
+        import soundfile
+    except ImportError as error:
+        raise ValueError(
+            f"reading the audio file {path!r} needs the soundfile package (pip install soundfile); "
+            "or pass the samples as {'type': 'audio', 'audio': array, 'sampling_rate': rate}"
+        ) from error
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # LibsndfileError for missing, empty or non-audio files
+        raise ValueError(f"cannot read the audio file {path!r}: {error}") from None
+    return samples.T, rate
+
+
 def _to_mono_float(audio, index: int) -> np.ndarray:
     """Validate one audio input and return mono float32 [T]."""
     name = f"audio[{index}]"
     if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
+        audio = audio.detach().cpu()
+        audio = (audio.float() if audio.is_floating_point() else audio).numpy()  # numpy has no bfloat16
     if isinstance(audio, (list, tuple)):
         audio = np.asarray(audio)
     if not isinstance(audio, np.ndarray):
@@ -233,10 +251,8 @@ class LlamaOmniProcessor(ProcessorMixin):
                     audios.append(item["audio"])
                     rates.append(rate)
                 elif "path" in item:
-                    import soundfile
-
-                    samples, rate = soundfile.read(item["path"], dtype="float32", always_2d=True)
-                    audios.append(samples.T)
+                    samples, rate = _read_audio_file(item["path"])
+                    audios.append(samples)
                     rates.append(rate)
                 else:
                     raise ValueError("an audio item needs its samples ('audio') or a file ('path') to tokenize")

@@ -88,3 +88,23 @@ def test_console_script_is_installed():
     assert script.exists(), "pip install -e . creates the `llama-omni` command"
     completed = subprocess.run([str(script), "answer", "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0 and "--model" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+        (["--output-wav", "/no/such/directory/answer.wav"], "its directory does not exist"),
+        (["--temperature", "-1"], "--temperature >= 0"),
+        (["--top-p", "0"], "0 < --top-p <= 1"),
+    ],
+)
+def test_bad_options_fail_before_generating(options, message, tiny_checkpoint, question_wav, capsys):
+    code = main(["answer", str(question_wav), "--model", str(tiny_checkpoint), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_model_directory_is_named(question_wav, capsys):
+    code = main(["answer", str(question_wav), "--model", "./no/such/model"])
+    assert code == 2 and "model directory not found: ./no/such/model" in capsys.readouterr().err

@@ -322,6 +322,15 @@ def test_cli_with_verify_in_a_clean_subprocess(fake, tmp_path):
     assert "peak memory:" in run.stdout and "estimate for the 8B release" in run.stdout
     result = json.loads(run.stdout.split("VERIFY ", 1)[1].splitlines()[0])
     assert result["dtype"] == "float16" and len(result["answer_ids"]) == 4 and result["audio_samples"] > 0
+    # the vocoder stays float32 (the original runs it so; fp16 flips rounded durations), the rest is float16
+    from safetensors import safe_open
+
+    dtypes = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            dtypes.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    assert {d for k, d in dtypes.items() if k.startswith("vocoder.")} == {"F32"}
+    assert dtypes["lm_head.weight"] == "F16" and dtypes["unit_decoder.output_proj.weight"] == "F16"
 
 
 # ----------------------------------------------------------------------------- wrong inputs: clear error, no OUT

@@ -211,3 +211,18 @@ def test_chat_template_audio_items_without_samples_or_rate_are_clear_errors(proc
                                                  {"type": "audio", "audio": GOOD}]}]
     with pytest.raises(ValueError, match=r"audio item 1 has samples but no rate: add 'sampling_rate' to the item"):
         processor.apply_chat_template(conversation, tokenize=True)
+
+
+def test_missing_or_corrupt_audio_file_in_a_conversation_is_a_clear_error(processor, tmp_path):
+    (tmp_path / "broken.wav").write_bytes(b"RIFF but not really a wav file")
+    for path in (tmp_path / "absent.wav", tmp_path / "broken.wav"):
+        conversation = [{"role": "user", "content": [{"type": "audio", "path": str(path)}]}]
+        with pytest.raises(ValueError, match=f"cannot read the audio file '{path}'"):
+            processor.apply_chat_template(conversation, tokenize=True)
+
+
+def test_bfloat16_tensor_audio_is_accepted(processor):
+    as_bf16 = processor(audio=torch.from_numpy(GOOD).bfloat16(), sampling_rate=16000)
+    upcast = processor(audio=torch.from_numpy(GOOD).bfloat16().float(), sampling_rate=16000)  # the same samples
+    assert torch.equal(as_bf16["input_ids"], upcast["input_ids"])
+    assert torch.equal(as_bf16["input_features"], upcast["input_features"])

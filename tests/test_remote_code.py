@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +111,16 @@ def test_remote_files_are_listed_in_auto_map(tiny_checkpoint):
     # the remote files import each other relatively, never the package
     for path in tiny_checkpoint.glob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+llama_omni_hf", path.read_text(), re.M), path.name
+
+
+@pytest.mark.parametrize("name", ["configuration_llama_omni.py", "modeling_llama_omni.py",
+                                  "processing_llama_omni.py", "vocoder_llama_omni.py"])
+def test_remote_files_need_only_torch_transformers_numpy(name):
+    """transformers refuses to load remote code whose imports (outside try blocks, in functions too) are not
+    installed: a Hub user has torch, transformers and numpy, nothing of ours (soundfile is optional)."""
+    import sys
+
+    from transformers.dynamic_module_utils import get_imports
+
+    third_party = {m for m in get_imports(REPO / "llama_omni_hf" / name) if m not in sys.stdlib_module_names}
+    assert third_party <= {"torch", "transformers", "numpy"}, third_party

@@ -237,3 +237,40 @@ def test_incremental_text_never_splits_words_or_characters(tiny):
         assert "\ufffd" not in piece
         # each update ends at a word boundary: it is a run of whole words
         assert all(word in words for word in piece.strip().split(" "))
+
+
+def test_iterator_closed_before_the_first_chunk_never_generates(tiny):
+    model, processor, inputs = tiny
+    counter = CountingStreamer()
+    stream = model.generate_stream(**inputs, tokenizer=processor.tokenizer, max_new_tokens=400, streamer=counter)
+    stream.close()
+    assert counter.tokens == 0
+    assert not any(t.name == "llama-omni-generate" and t.is_alive() for t in threading.enumerate())
+
+
+def test_stream_rejects_several_answers(tiny):
+    model, processor, inputs = tiny
+    with pytest.raises(ValueError, match="num_return_sequences and num_beams must be 1"):
+        model.generate_stream(**inputs, do_sample=True, num_return_sequences=2)
+
+
+def test_wrong_feature_shape_is_a_clear_error(tiny):
+    model, _, inputs = tiny
+    with pytest.raises(ValueError, match=r"input_features must be \[n_audio, 128, 3000\].*got \[1, 80, 3000\]"):
+        model(input_ids=inputs["input_ids"], input_features=torch.zeros(1, 80, 3000))
+
+
+def test_vocoder_stays_in_float32_when_the_model_is_half(tmp_path):
+    """The original vocoder runs in fp32; in fp16 rounded durations flip and the answer's length changes."""
+    from transformers import AutoModel, AutoProcessor
+
+    from llama_omni_hf.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "tiny")
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.vocoder.parameters()} == {torch.float32}
+    out = model.generate(**processor(audio=synthesize("Hello there."), sampling_rate=16000), max_new_tokens=6,
+                         return_dict_in_generate=True)
+    assert out.audio[0].dtype == torch.float32 and len(out.audio[0]) > 0
