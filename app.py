@@ -213,28 +213,32 @@ class Handlers:
             samples, rate, note = self.assistant.read_question(path)
             if note:
                 gr.Warning(note)
+            spoken = []  # every streamed piece, for the whole answer at the end
             with closing(self.generate(history, samples, rate, settings, started)) as updates:
-                yield chat_messages(history, path, "…"), gr.skip(), history, gr.skip()
+                yield chat_messages(history, path, "…"), gr.skip(), history, gr.skip(), None
                 for update in updates:
                     meta = update.meta(settings, self.assistant.max_context, note, stop.is_set())
+                    spoken.append(update.audio)
                     audio = wav_bytes(update.audio) if len(update.audio) else gr.skip()  # the player keeps going
-                    yield chat_messages(history, path, update.text or "…", meta), audio, history, gr.skip()
+                    yield chat_messages(history, path, update.text or "…", meta), audio, history, gr.skip(), gr.skip()
                     if stop.is_set():
                         break  # leaving the `with` closes the stream: generation ends at its next step
         except ValueError as error:  # no, unreadable, empty or silent audio; a full conversation
             gr.Warning(str(error))  # a toast, and a notice under the conversation that is not part of it
             notice = {"role": "assistant", "content": f"**Cannot answer:** {error}"}
-            yield chat_messages(history) + [notice], gr.skip(), history, gr.skip()
+            yield chat_messages(history) + [notice], gr.skip(), history, gr.skip(), None
             return
         meta = update.meta(settings, self.assistant.max_context, note, stopped=not update.done)
         history = history + [Turn(samples, rate, path, update.text, meta)]
-        yield chat_messages(history), gr.skip(), history, context_info(self.assistant, update.context)
+        whole = np.concatenate(spoken) if spoken else np.zeros(0, np.float32)
+        full_answer = (SAMPLE_RATE, (np.clip(whole, -1, 1) * 32767).astype(np.int16)) if len(whole) else None
+        yield chat_messages(history), gr.skip(), history, context_info(self.assistant, update.context), full_answer
 
     def respond_to_change(self, path, history, chunk_size, temperature, top_p, max_new_tokens,
                           request: gr.Request):
         """Recording stopped, file uploaded or example picked: answer. Input cleared: nothing to do."""
         if not path:
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         yield from self.respond(path, history, chunk_size, temperature, top_p, max_new_tokens, request)
 
@@ -242,7 +246,7 @@ class Handlers:
         self.stops.setdefault(request.session_hash, threading.Event()).set()
 
     def new_conversation(self):
-        return [], [], None, context_info(self.assistant)
+        return [], [], None, context_info(self.assistant), None
 
 
 def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 1) -> gr.Blocks:
@@ -260,7 +264,7 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
-                info = gr.Markdown(context_info(assistant), elem_id="context-info")
+                info = gr.Markdown(context_info(assistant), label="Context", elem_id="context-info")
             with gr.Column(scale=2):
                 question = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your question",
                                     elem_id="question")
@@ -270,6 +274,9 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
                     new = gr.Button("New conversation", elem_id="new")
                 speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False,
                                   elem_id="answer-audio")
+                # the whole answer once it is complete: to replay or download it, and for API clients
+                full_answer = gr.Audio(label="Whole spoken answer", type="numpy", format="wav", interactive=False,
+                                       elem_id="full-answer")
                 with gr.Accordion("Generation settings", open=False):
                     chunk_size = gr.Slider(1, 500, Settings.chunk_size, step=1, label="Chunk size Ω (units)",
                                            info="Units per vocoder call: smaller = earlier first audio, more calls")
@@ -281,13 +288,13 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
                             label="Spoken examples (espeak-ng; `bash scripts/make_examples.sh` remakes them)")
         inputs = [question, history, chunk_size, temperature, top_p, max_new_tokens]
         model_event = dict(concurrency_limit=concurrency_limit, concurrency_id="model")  # one model: one queue
-        answer = dict(outputs=[chatbot, speech, history, info], show_progress="minimal", **model_event)
+        answer = dict(outputs=[chatbot, speech, history, info, full_answer], show_progress="minimal", **model_event)
         ask.click(handlers.respond, inputs, api_name="answer", **answer)
         question.change(handlers.respond_to_change, inputs, api_visibility="private", **answer)
         stop.click(handlers.stop, api_name="stop", queue=False)
         # stop a running answer, then reset once it has ended (so it cannot write into the new conversation)
         new.click(handlers.stop, api_visibility="private", queue=False).then(
-            handlers.new_conversation, None, [chatbot, history, speech, info], api_name="new_conversation",
+            handlers.new_conversation, None, [chatbot, history, speech, info, full_answer], api_name="new_conversation",
             **model_event)
     demo.queue(max_size=32)
     return demo
@@ -320,7 +327,7 @@ def main(argv=None):
     max_context = args.max_context or (trained if trained <= 131072 else TRAINED_CONTEXT)
     assistant = Assistant(model, processor, max_context)
     demo = build_demo(assistant, banner="" if args.model else TINY_BANNER)
-    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
+    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, show_error=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -254,6 +255,9 @@ def test_client_receives_streamed_text_and_audio(client, served):
     assert "#EXT-X-ENDLIST" in playlist and len(durations) >= 2  # the player got the speech in several pieces
     assert abs(sum(durations) - speech) < 0.15  # AAC frames round each piece up to 64 ms
     assert re.match(r"Context: \d+ of 1000 positions", final[2])
+    # the whole answer arrives at the end as one wav file: what a client that only reads the result needs
+    whole, rate = soundfile.read(io.BytesIO(httpx.get(final[3]["url"]).content))
+    assert rate == 16000 and abs(len(whole) / rate - speech) < 0.05 and np.abs(whole).max() > 0.01
 
 
 def test_client_follow_ups_until_the_context_is_full_then_new_conversation(client):
