@@ -102,6 +102,13 @@ class _QueueStreamer(BaseStreamer):
             self.user_streamer.end()
 
 
+def _is_wide(character: str) -> bool:
+    """CJK ideographs, kana, hangul and full-width forms: each is a word boundary of its own."""
+    code = ord(character)
+    return any(low <= code <= high for low, high in ((0x2E80, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
+                                                      (0xFF00, 0xFFEF)))
+
+
 class _IncrementalText:
     """Decodes a growing answer into whole words without re-decoding all of it at every token.
 
@@ -121,7 +128,10 @@ class _IncrementalText:
         """New whole words (up to the last space), or "" while a word or a character is incomplete."""
         self.pending.extend(ids)
         text = self._text()
-        ready = text.rfind(" ") if not text.endswith("\ufffd") else -1
+        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            return ""
+        # up to the last whitespace; scripts written without spaces (CJK) are whole at every character
+        ready = len(text) if text and _is_wide(text[-1]) else max(text.rfind(" "), text.rfind("\n"))
         if ready <= self.sent:
             return ""
         new, self.sent = text[self.sent : ready], ready
@@ -251,8 +261,8 @@ class LlamaOmniUnitDecoder(nn.Module):
         if key_padding is not None:  # [B, kv_len], True = real position
             allowed = allowed & key_padding[:, None, None, :].bool()
             # padded query rows would attend to nothing: let them see themselves to avoid NaN
-            diagonal = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len) == torch.arange(kv_len, device=device)
-            allowed = allowed | diagonal
+            query_positions = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+            allowed = allowed | (query_positions == torch.arange(kv_len, device=device))
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill(~allowed, min_value)
 
@@ -574,12 +584,12 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             raise ValueError("`input_ids` are required (build them with the LlamaOmniProcessor)")
         if kwargs.get("num_beams", 1) not in (None, 1):
             raise ValueError("beam search is not supported: units are decoded along a single hypothesis per row")
+        generation_config = kwargs.get("generation_config") or self.generation_config
         if return_audio and self.vocoder is None:
             raise ValueError(
                 "this checkpoint has no vocoder (config.vocoder_config is None), so it cannot return audio; "
                 "use return_audio=False to get text and units"
             )
-        generation_config = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
         if not return_units:
             if return_audio:
@@ -587,6 +597,9 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             output = super().generate(input_ids=input_ids, input_features=input_features,
                                       attention_mask=attention_mask, **kwargs)
             return output if isinstance(output, torch.Tensor) else LlamaOmniGenerateOutput(**dict(output.items()))
+        if return_audio and not kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
+            raise ValueError("return_audio=True needs return_dict_in_generate=True: a tensor of ids has no room "
+                             "for the audio")
         if unit_stream is None:
             # transformers repeats each prompt num_return_sequences times before the first step
             copies = kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1

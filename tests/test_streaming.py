@@ -223,7 +223,7 @@ def test_text_only_generation_matches(tiny):
 
 
 def test_incremental_text_never_splits_words_or_characters(tiny):
-    from llama_omni_hf.modeling_llama_omni import _IncrementalText
+    from llama_omni_hf.modeling_llama_omni import _IncrementalText, _is_wide
 
     _, processor, _ = tiny
     sentence = "Héllo wörld, 日本語 is spoken in Tokyo 🙂 and naïve café crème brûlée " * 3
@@ -235,8 +235,9 @@ def test_incremental_text_never_splits_words_or_characters(tiny):
     words = sentence.split(" ")
     for piece in filter(None, pieces[:-1]):
         assert "\ufffd" not in piece
-        # each update ends at a word boundary: it is a run of whole words
-        assert all(word in words for word in piece.strip().split(" "))
+        # each update ends at a word boundary: it is a run of whole words (CJK may stream per character)
+        assert all(word in words or (all(_is_wide(c) for c in word) and any(word in w for w in words))
+                   for word in piece.strip().split(" ")), piece
 
 
 def test_iterator_closed_before_the_first_chunk_never_generates(tiny):
@@ -274,3 +275,20 @@ def test_vocoder_stays_in_float32_when_the_model_is_half(tmp_path):
     out = model.generate(**processor(audio=synthesize("Hello there."), sampling_rate=16000), max_new_tokens=6,
                          return_dict_in_generate=True)
     assert out.audio[0].dtype == torch.float32 and len(out.audio[0]) > 0
+
+
+def test_incremental_text_releases_cjk_per_character(tiny):
+    from llama_omni_hf.modeling_llama_omni import _IncrementalText
+
+    _, processor, _ = tiny
+    ids = processor.tokenizer("東京は日本の首都です", add_special_tokens=False).input_ids
+    text = _IncrementalText(processor.tokenizer)
+    pieces = [text.add([token]) for token in ids]
+    assert sum(1 for p in pieces if p) >= 5  # no spaces, yet it streams
+    assert "".join(pieces) + text.flush() == "東京は日本の首都です"
+
+
+def test_audio_needs_a_dict_output(tiny):
+    model, _, inputs = tiny
+    with pytest.raises(ValueError, match="return_audio=True needs return_dict_in_generate=True"):
+        model.generate(**inputs, max_new_tokens=2, return_audio=True)
