@@ -61,3 +61,42 @@ def test_cached_default_checkpoint_follows_the_package_code(tmp_path, monkeypatc
     assert tiny.default_tiny_checkpoint() == path
     assert stale.read_bytes() == (tiny.PACKAGE_DIR / "modeling_llama_omni.py").read_bytes()
     assert (path / "model.safetensors").stat().st_mtime_ns == weights  # not rebuilt
+
+
+def test_default_config_has_the_released_layout():
+    """LlamaOmniConfig() is the release: the spec's checkpoint shapes (section 1, 5), built on the meta device."""
+    import torch
+
+    from llama_omni_hf.configuration_llama_omni import LlamaOmniConfig, LlamaOmniVocoderConfig
+    from llama_omni_hf.modeling_llama_omni import LlamaOmniForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlamaOmniForConditionalGeneration(LlamaOmniConfig(vocoder_config=LlamaOmniVocoderConfig()))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {
+        "speech_encoder.embed_positions.weight": (1500, 1280),
+        "speech_encoder.conv1.weight": (1280, 128, 3),
+        "speech_encoder.layers.31.fc1.weight": (5120, 1280),
+        "speech_adaptor.linear1.weight": (2048, 6400),
+        "speech_adaptor.linear2.weight": (4096, 2048),
+        "model.embed_tokens.weight": (128256, 4096),
+        "model.layers.31.self_attn.k_proj.weight": (1024, 4096),  # 8 KV heads
+        "model.layers.31.mlp.gate_proj.weight": (14336, 4096),
+        "lm_head.weight": (128256, 4096),
+        "unit_decoder.input_proj.weight": (4096, 4096),
+        "unit_decoder.layers.1.self_attn.k_proj.weight": (4096, 4096),  # 32 KV heads
+        "unit_decoder.layers.1.mlp.up_proj.weight": (11008, 4096),
+        "unit_decoder.output_proj.weight": (1001, 4096),
+        "vocoder.dict.weight": (1000, 128),
+        "vocoder.dur_predictor.proj.weight": (1, 128),
+        "vocoder.conv_pre.weight": (512, 128, 7),
+        "vocoder.ups.0.weight": (512, 256, 11),
+        "vocoder.ups.4.weight": (32, 16, 4),
+        "vocoder.resblocks.14.convs1.2.weight": (16, 16, 11),
+        "vocoder.conv_post.weight": (1, 16, 7),
+    }
+    assert {k: shapes.get(k) for k in expected} == expected
+    assert "speech_encoder.layers.0.self_attn.k_proj.bias" not in shapes  # Whisper's key has no bias
+    assert not any(k.startswith("unit_decoder.norm") for k in shapes)  # no final norm (spec section 3)
+    assert len([k for k in shapes if k.startswith("unit_decoder.layers.") and k.endswith("q_proj.weight")]) == 2
+    assert model.config.speech_tokens_per_audio == 300 and model.config.speech_token_id == 128256
