@@ -224,9 +224,10 @@ class LlamaOmniSpeechAdaptor(nn.Module):
         return self.linear2(F.relu(self.linear1(x)))
 
 
-def collapse_units(frames: list[int], blank: int) -> list[int]:
-    """CTC collapse: merge consecutive repeats FIRST, then drop blanks ("5 _ 5" -> "5 5"), as the original."""
-    units, previous = [], None
+def collapse_units(frames: list[int], blank: int, previous: int | None = None) -> list[int]:
+    """CTC collapse: merge consecutive repeats FIRST, then drop blanks ("5 _ 5" -> "5 5"), as the original.
+    `previous`: the frame before these (when collapsing step by step), so a repeat across steps merges too."""
+    units = []
     for frame in frames:
         if frame != previous and frame != blank:
             units.append(frame)
@@ -553,12 +554,9 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             frames = self.unit_decoder(upsampled, past_key_values=state.cache).float().argmax(-1)  # [B, lambda]
             state.num_states += active.long()
             for row in torch.nonzero(active).flatten().tolist():
-                previous = int(state.last_frame[row])
-                for frame in frames[row].tolist():
-                    if frame != previous and frame != self.unit_decoder.blank_id:
-                        new_units[row].append(frame)
-                    previous = frame
-                state.last_frame[row] = previous
+                row_frames = frames[row].tolist()
+                new_units[row] = collapse_units(row_frames, self.unit_decoder.blank_id, int(state.last_frame[row]))
+                state.last_frame[row] = row_frames[-1]
                 state.units[row].extend(new_units[row])
         if state.on_step is not None:
             state.on_step(new_units, state)
