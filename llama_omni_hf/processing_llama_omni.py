@@ -175,14 +175,19 @@ class LlamaOmniProcessor(ProcessorMixin):
             raise ValueError(
                 f"pass `sampling_rate=` (the rate of your audio); it is resampled to {SAMPLING_RATE} Hz"
             )
-        if (isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real)
-                or sampling_rate < 1000 or sampling_rate != int(sampling_rate)):
-            raise ValueError(f"sampling_rate={sampling_rate!r} is not a valid audio rate (a whole number of Hz)")
+        # one rate for all, or one per audio (a conversation may mix recordings)
+        rates = list(sampling_rate) if isinstance(sampling_rate, (list, tuple)) else [sampling_rate] * len(audio)
+        if len(rates) != len(audio):
+            raise ValueError(f"got {len(rates)} sampling rates for {len(audio)} audios")
+        for rate in rates:
+            if (isinstance(rate, bool) or not isinstance(rate, numbers.Real)
+                    or rate < 1000 or rate != int(rate)):
+                raise ValueError(f"sampling_rate={rate!r} is not a valid audio rate (a whole number of Hz)")
         result = []
-        for i, item in enumerate(audio):
+        for i, (item, rate) in enumerate(zip(audio, rates)):
             wav = _to_mono_float(item, i)
-            if int(sampling_rate) != SAMPLING_RATE:
-                wav = resample(torch.from_numpy(wav.copy()), int(sampling_rate), SAMPLING_RATE).numpy()
+            if int(rate) != SAMPLING_RATE:
+                wav = resample(torch.from_numpy(wav.copy()), int(rate), SAMPLING_RATE).numpy()
             if wav.shape[0] > MAX_SECONDS * SAMPLING_RATE:
                 logger.warning(
                     f"audio[{i}] lasts {wav.shape[0] / SAMPLING_RATE:.1f} s; only its first {MAX_SECONDS} s are used "
@@ -195,7 +200,8 @@ class LlamaOmniProcessor(ProcessorMixin):
         return result
 
     def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        """Returns `input_ids`, `attention_mask` (left-padded) and `input_features` [n_audio, 128, 3000]."""
+        """Returns `input_ids`, `attention_mask` (left-padded) and `input_features` [n_audio, 128, 3000].
+        `sampling_rate`: the rate of every audio, or a list with one rate per audio."""
         audios = [] if audio is None else self._prepare_audio(audio, sampling_rate)
         if text is None:
             if not audios:
@@ -256,11 +262,7 @@ class LlamaOmniProcessor(ProcessorMixin):
                     rates.append(rate)
                 else:
                     raise ValueError("an audio item needs its samples ('audio') or a file ('path') to tokenize")
-        if len(set(rates)) > 1:
-            audios = [resample(torch.from_numpy(np.asarray(_to_mono_float(a, i))), r, SAMPLING_RATE).numpy()
-                      for i, (a, r) in enumerate(zip(audios, rates))]
-            rates = [SAMPLING_RATE]
-        return self(audio=audios or None, text=text, sampling_rate=rates[0] if rates else None)
+        return self(audio=audios or None, text=text, sampling_rate=rates or None)
 
     @property
     def model_input_names(self):
