@@ -167,12 +167,16 @@ class Assistant:
                     yield replace(update)  # a snapshot: callers may keep it
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2")
+
+
 def wav_bytes(samples: np.ndarray) -> bytes:
     """16-bit mono WAV: Gradio streams it without re-encoding or per-chunk peak normalization."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as writer:
         writer.setnchannels(1), writer.setsampwidth(2), writer.setframerate(SAMPLE_RATE)
-        writer.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        writer.writeframes(pcm16(samples).tobytes())
     return buffer.getvalue()
 
 
@@ -231,7 +235,7 @@ class Handlers:
         meta = update.meta(settings, self.assistant.max_context, note, stopped=not update.done)
         history = history + [Turn(samples, rate, path, update.text, meta)]
         whole = np.concatenate(spoken) if spoken else np.zeros(0, np.float32)
-        full_answer = (SAMPLE_RATE, (np.clip(whole, -1, 1) * 32767).astype(np.int16)) if len(whole) else None
+        full_answer = (SAMPLE_RATE, pcm16(whole)) if len(whole) else None
         yield chat_messages(history), gr.skip(), history, context_info(self.assistant, update.context), full_answer
 
     def respond_to_change(self, path, history, chunk_size, temperature, top_p, max_new_tokens,
