@@ -79,7 +79,9 @@ def wait_for(condition, timeout: float, message: str):
 def upload(driver, path):
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, '#question button[aria-label="Upload file"]').click()
+    # Gradio loads each component's code on demand: the audio input can appear after the banner does.
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, '#question button[aria-label="Upload file"]'), 30,
+             "the question box has no 'Upload file' button")[0].click()
     file_input = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#question input[type=file]"), 10,
                           "the question box has no file input after choosing 'Upload file'")
     file_input[0].send_keys(str(path))
@@ -129,8 +131,10 @@ def test_page_answers_a_microphone_recording_when_recording_stops(browser, serve
     from selenium.webdriver.common.by import By
 
     open_app(browser, served)
-    browser.find_element(By.CSS_SELECTOR, "#question button.record-button").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#question button.record-button"), 30,
+             "the question box has no record button")[0].click()
     time.sleep(2)  # chromium's fake microphone beeps
-    browser.find_element(By.CSS_SELECTOR, "#question button.stop-button").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#question button.stop-button"), 10,
+             "no stop button while recording")[0].click()
     wait_for(lambda: not text_of(browser, "#context-info").startswith("Context: 0 "), 60, "no answer to the recording")
     assert re.search(r"Latency: first text [0-9.]+ s · first audio [0-9.]+ s", text_of(browser, "#chat"))
