@@ -231,13 +231,17 @@ def seconds(meta: str, name: str) -> float:
     return float(re.search(rf"{name} ([0-9.]+) s", meta).group(1))
 
 
+def tokens(meta: str) -> int:
+    return int(re.search(r"(\d+) tokens", meta).group(1))
+
+
 def ask_for_a_full_answer(client, path, settings=SAMPLING, tries=5):
     """The served app samples without a seed: random tiny weights end about 1 answer in 40 after a few
     tokens, too short to stream in pieces. Ask again then, as a user would."""
     for _ in range(tries):
         job = ask(client, path, settings)
         updates = list(job)
-        if int(re.search(r"(\d+) tokens", last_answer(job.outputs()[-1])).group(1)) >= settings.max_new_tokens // 2:
+        if tokens(last_answer(job.outputs()[-1])) >= settings.max_new_tokens // 2:
             return job, updates
     pytest.fail(f"{tries} answers in a row ended before {settings.max_new_tokens // 2} tokens")
 
@@ -301,10 +305,10 @@ def test_client_stop_button_ends_the_answer_promptly(client):
         meta = last_answer(job.outputs()[-1])
         if "stopped*" in meta:
             break
-        assert int(re.search(r"(\d+) tokens", meta).group(1)) < 1000  # not stopped: it ended on its own
+        assert tokens(meta) < 1000  # not stopped: it ended on its own
     else:
         pytest.fail("six answers in a row ended on their own before /stop")
-    assert int(re.search(r"(\d+) tokens", meta).group(1)) < 500
+    assert tokens(meta) < 500
 
 
 @pytest.mark.parametrize("content, message", [

@@ -63,7 +63,7 @@ def monkeypatch_module():
 def text_of(driver, selector: str) -> str:
     from selenium.webdriver.common.by import By
 
-    return "\n".join(element.text for element in driver.find_elements(By.CSS_SELECTOR, selector))
+    return "\n".join(node.text for node in driver.find_elements(By.CSS_SELECTOR, selector))
 
 
 def wait_for(condition, timeout: float, message: str):
@@ -76,15 +76,19 @@ def wait_for(condition, timeout: float, message: str):
     raise AssertionError(message)
 
 
-def upload(driver, path):
+def element(driver, selector: str, timeout: float, message: str):
+    """The first element matching `selector`, waiting for it: Gradio loads each component's code on demand,
+    so the audio input can appear after the banner does."""
     from selenium.webdriver.common.by import By
 
-    # Gradio loads each component's code on demand: the audio input can appear after the banner does.
-    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, '#question button[aria-label="Upload file"]'), 30,
-             "the question box has no 'Upload file' button")[0].click()
-    file_input = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#question input[type=file]"), 10,
-                          "the question box has no file input after choosing 'Upload file'")
-    file_input[0].send_keys(str(path))
+    return wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, selector), timeout, message)[0]
+
+
+def upload(driver, path):
+    element(driver, '#question button[aria-label="Upload file"]', 30,
+            "the question box has no 'Upload file' button").click()
+    element(driver, "#question input[type=file]", 10,
+            "the question box has no file input after choosing 'Upload file'").send_keys(str(path))
 
 
 def open_app(driver, url):
@@ -128,13 +132,9 @@ def test_page_shows_a_readable_message_for_a_corrupt_file(browser, served, tmp_p
 
 
 def test_page_answers_a_microphone_recording_when_recording_stops(browser, served):
-    from selenium.webdriver.common.by import By
-
     open_app(browser, served)
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#question button.record-button"), 30,
-             "the question box has no record button")[0].click()
+    element(browser, "#question button.record-button", 30, "the question box has no record button").click()
     time.sleep(2)  # chromium's fake microphone beeps
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#question button.stop-button"), 10,
-             "no stop button while recording")[0].click()
+    element(browser, "#question button.stop-button", 10, "no stop button while recording").click()
     wait_for(lambda: not text_of(browser, "#context-info").startswith("Context: 0 "), 60, "no answer to the recording")
     assert re.search(r"Latency: first text [0-9.]+ s · first audio [0-9.]+ s", text_of(browser, "#chat"))
