@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # 8B in fp16 is ~17 GB of weights: an A10G (24 GB) is the smallest common Space GPU that holds it.
 DEFAULT_HARDWARE = "a10g-small"
 REQUIRED_FILES = ["config.json", "configuration_llama_omni.py", "modeling_llama_omni.py",
-                  "processing_llama_omni.py", "processor_config.json"]
+                  "processing_llama_omni.py", "transformers_compat.py", "processor_config.json"]
 
 
 class PushError(Exception):

@@ -48,7 +48,7 @@ def build_generation_config(checkpoint: Path, config, tokenizer):
 
 
 def write_repo_files(directory: Path, config, processor, generation, card: str):
-    from llama_omni_hf.tiny import write_remote_code  # copies the 4 remote files, sets every auto_map
+    from llama_omni_hf.tiny import write_remote_code  # copies the remote files, sets every auto_map
 
     config.architectures = ["LlamaOmniForConditionalGeneration"]
     config.save_pretrained(directory)

@@ -4,7 +4,9 @@ Defaults are the released ICTNLP/Llama-3.1-8B-Omni numbers (spec sections 1, 3 a
 `LlamaOmniConfig()` describes the real model; tiny test models override sizes only.
 """
 
-from transformers import LlamaConfig, PreTrainedConfig, WhisperConfig
+from .transformers_compat import MIN_TRANSFORMERS_VERSION  # noqa: F401  (first: checks the installed release)
+
+from transformers import LlamaConfig, PreTrainedConfig, WhisperConfig  # noqa: E402
 
 # Whisper-large-v3 encoder (openai-whisper dims: n_mels 128, n_audio_ctx 1500, n_audio_state 1280,
 # n_audio_head 20, n_audio_layer 32). Only the encoder half is used.
@@ -191,6 +193,20 @@ class LlamaOmniConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
         self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A saved config (config.json) must describe its sub-models: the defaults are the release sizes
+        (Llama-3.1-8B + whisper-large-v3, 35 GB in fp32), which a checkpoint of another size would silently
+        build and then fail to load into, or exhaust memory on."""
+        missing = [k for k in ("speech_encoder_config", "text_config") if not config_dict.get(k) and not kwargs.get(k)]
+        if missing and config_dict.get("model_type") != "omni_speech2s_llama" and "ctc_decoder_config" not in config_dict:
+            raise ValueError(
+                f"this LLaMA-Omni config lacks {' and '.join(f'`{k}`' for k in missing)}: a converted checkpoint's "
+                "config.json describes every sub-model (convert a release with conversion/convert_llama_omni.py); "
+                "for the release sizes build LlamaOmniConfig() in code"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def _validate(self):
         _check_positive_ints(

@@ -15,6 +15,7 @@ vocoder -> 16 kHz speech.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -22,36 +23,36 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, LlamaModel, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from .transformers_compat import CACHE_FIELD, cache_kwargs, output_cache, pop_cache  # first: checks the release
 
-from .configuration_llama_omni import LlamaOmniConfig
+from transformers import GenerationMixin, LlamaModel, PreTrainedModel  # noqa: E402
+from transformers import initialization as init  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+from transformers.generation.configuration_utils import GenerationMode  # noqa: E402
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+from transformers.generation.utils import GenerateDecoderOnlyOutput  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids  # noqa: E402
+
+from .configuration_llama_omni import LlamaOmniConfig  # noqa: E402
 
 IGNORE_INDEX = -100
 
 
 @dataclass
-class LlamaOmniCausalLMOutput(ModelOutput):
-    """Output of [`LlamaOmniForConditionalGeneration.forward`].
+class LlamaOmniCausalLMOutput(CausalLMOutputWithPast):
+    """Output of [`LlamaOmniForConditionalGeneration.forward`]: transformers' causal-LM output (whose cache field
+    is `past_key_values` before 5.24 and `cache` from 5.24 on: inherited, not redeclared) plus:
 
     loss: `lm_loss + ctc_loss_weight * ctc_loss` over the terms whose targets were given (stage 2: CTC only).
     logits: [B, L, vocab] text logits. unit_logits: [B, N*lambda, unit_vocab_size + 1] when unit targets are given.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     ctc_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     unit_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -286,9 +287,9 @@ class LlamaOmniUnitDecoder(nn.Module):
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
                 position_embeddings=position_embeddings,
+                **cache_kwargs(past_key_values),
             )
         return self.output_proj(hidden)
 
@@ -343,12 +344,17 @@ class LlamaOmniPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "WhisperEncoderLayer", "LlamaOmniVocoder"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the cache's name before / from 5.24
     _supports_sdpa = True
     _supports_flash_attn = False  # the unit decoder needs an explicit 4D causal mask
     # original: the fairseq vocoder runs in fp32; in fp16 rounded durations flip and the waveform shifts
     _keep_in_fp32_modules_strict = ["vocoder"]
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, WhisperEncoder):  # as WhisperPreTrainedModel: fixed sinusoids, never random values
+            init.copy_(module.embed_positions.weight, sinusoids(*module.embed_positions.weight.shape))
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
@@ -384,7 +390,10 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         if config.vocoder_config is not None:
             from .vocoder_llama_omni import LlamaOmniVocoder
 
-            self.vocoder = LlamaOmniVocoder(config.vocoder_config)
+            # fp32 even when built under another default dtype (`_from_config(dtype=torch.float16)`)
+            self.vocoder = LlamaOmniVocoder(config.vocoder_config).float()
+        else:
+            self._keep_in_fp32_modules_strict = []  # no vocoder to keep
         self.training_stage = None
         self.post_init()
 
@@ -424,10 +433,17 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         encoder_states = self.speech_encoder(input_features.to(encoder_dtype)).last_hidden_state  # [n, 1500, 1280]
         return self.speech_adaptor(encoder_states.to(self.speech_adaptor.linear1.weight.dtype))
 
-    def _embed_with_speech(self, input_ids: torch.LongTensor, input_features: torch.Tensor | None):
-        is_speech = input_ids == self.config.speech_token_id
-        # the placeholder id may lie outside the vocabulary: embed a harmless id, then overwrite
-        embeds = self.model.embed_tokens(input_ids.masked_fill(is_speech, 0))
+    def _embed_with_speech(self, input_ids, input_features, inputs_embeds=None):
+        """Token embeddings with each audio's adaptor outputs over its `<speech>` placeholders."""
+        if inputs_embeds is None:
+            is_speech = input_ids == self.config.speech_token_id
+            # the placeholder id may lie outside the vocabulary: embed a harmless id, then overwrite
+            inputs_embeds = self.model.embed_tokens(input_ids.masked_fill(is_speech, 0))
+        elif input_features is None:
+            return inputs_embeds
+        else:
+            is_speech = self._placeholders_in_embeds(inputs_embeds)
+        embeds = inputs_embeds
         n_placeholders = int(is_speech.sum())
         if input_features is None:
             if n_placeholders:
@@ -454,6 +470,19 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         features = features.to(device=embeds.device, dtype=embeds.dtype).reshape(-1, embeds.shape[-1])
         return embeds.masked_scatter(is_speech[..., None], features)
 
+    def _placeholders_in_embeds(self, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
+        """Where `inputs_embeds` holds the placeholder's embedding (as Qwen2-Audio finds its audio token)."""
+        embed_tokens = self.get_input_embeddings()
+        if self.config.speech_token_id >= embed_tokens.num_embeddings:
+            raise ValueError(
+                f"`inputs_embeds` with `input_features`: the <speech> placeholder (id {self.config.speech_token_id}) "
+                "lies after the vocabulary and has no embedding, so the audio positions cannot be found in "
+                "`inputs_embeds`. Pass the processor's `input_ids` instead, or splice "
+                "`model.get_speech_features(input_features)` into your embeddings and pass them without features"
+            )
+        placeholder = embed_tokens.weight[self.config.speech_token_id].to(inputs_embeds)
+        return (inputs_embeds == placeholder).all(-1)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -476,19 +505,21 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             final-norm states at the response positions (where labels != -100), as the original.
         unit_stream: used by `generate` to decode units incrementally; leave None.
         """
+        past_key_values = pop_cache(past_key_values, kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         if unit_labels is not None and labels is None:
             raise ValueError("`unit_labels` need `labels`: the CTC loss reads the states at the response positions")
-        if inputs_embeds is None:
-            inputs_embeds = self._embed_with_speech(input_ids, input_features)
+        inputs_embeds = self._embed_with_speech(input_ids, input_features, inputs_embeds)
         self.unit_decoder.config._attn_implementation = self.config._attn_implementation
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(past_key_values),
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # after the final RMSNorm: what lm_head and the unit decoder read
@@ -515,16 +546,17 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             )
         if unit_stream is not None:
             self._unit_stream_step(unit_stream, input_ids, hidden[:, -1:])
-        return LlamaOmniCausalLMOutput(
+        output = LlamaOmniCausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
             ctc_loss=ctc_loss,
             logits=logits,
             unit_logits=unit_logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
+            **{CACHE_FIELD: output_cache(outputs)},
         )
+        return output if return_dict else output.to_tuple()
 
     # --- incremental units during generation ---
     def init_unit_stream(self, batch_size: int, eos_token_id, on_step=None) -> LlamaOmniUnitStreamState:
@@ -578,11 +610,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         [`LlamaOmniGenerateOutput`] with `.sequences` (prompt + answer), `.units` and, when `return_audio`
         (default: True if the checkpoint has a vocoder), `.audio`. `return_units=False` runs the LLM alone
         (text only, as plain Llama generation; `.units` is then None)."""
-        if input_ids is None:
-            raise ValueError("`input_ids` are required (build them with the LlamaOmniProcessor)")
-        if kwargs.get("num_beams", 1) not in (None, 1):
-            raise ValueError("beam search is not supported: units are decoded along a single hypothesis per row")
         generation_config = kwargs.get("generation_config") or self.generation_config
+        self._check_decoding_mode(generation_config, kwargs)
         if return_audio and self.vocoder is None:
             raise ValueError(
                 "this checkpoint has no vocoder (config.vocoder_config is None), so it cannot return audio; "
@@ -599,9 +628,11 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             raise ValueError("return_audio=True needs return_dict_in_generate=True: a tensor of ids has no room "
                              "for the audio")
         if unit_stream is None:
-            # transformers repeats each prompt num_return_sequences times before the first step
+            # transformers repeats each prompt num_return_sequences times before the first step; without ids or
+            # embeddings it starts one row from BOS
+            prompts = kwargs.get("inputs_embeds", input_ids)
             copies = kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
-            unit_stream = self.init_unit_stream(input_ids.shape[0] * copies, eos)
+            unit_stream = self.init_unit_stream((1 if prompts is None else prompts.shape[0]) * copies, eos)
         output = super().generate(
             input_ids=input_ids,
             input_features=input_features,
@@ -619,6 +650,22 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         if return_audio:
             audio = self.units_to_audio(units)
         return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio)
+
+    @staticmethod
+    def _check_decoding_mode(generation_config, kwargs):
+        """Greedy or sampling only, one hypothesis per row, decided before any work. Beam search, assisted and
+        prompt-lookup decoding feed the LLM several candidate tokens per step and roll some back, but the unit
+        decoder consumes each accepted token's state once, as it is generated (and the assistant would not see
+        the audio)."""
+        config = copy.deepcopy(generation_config)
+        config.update(**{key: value for key, value in kwargs.items() if hasattr(config, key)})
+        mode = config.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            raise ValueError(
+                f"LLaMA-Omni generates with greedy decoding or sampling only, not {mode.value.replace('_', ' ')}: "
+                "units are decoded step by step along one hypothesis per row (use num_beams=1, no assistant_model "
+                "or prompt_lookup_num_tokens)"
+            )
 
     def generate_stream(self, input_ids=None, input_features=None, attention_mask=None, tokenizer=None,
                         chunk_size: int = 10, vocoder_left_context: int | None = None,

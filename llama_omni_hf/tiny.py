@@ -23,6 +23,7 @@ REMOTE_CODE_FILES = (
     "modeling_llama_omni.py",
     "processing_llama_omni.py",
     "vocoder_llama_omni.py",
+    "transformers_compat.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_omni.LlamaOmniConfig",
@@ -64,7 +65,7 @@ def tiny_config_dict(tokenizer, vocoder: bool = True) -> dict:
 
 
 def write_remote_code(directory: Path) -> None:
-    """Copy the four remote-code files next to config.json and point every Auto class at them."""
+    """Copy the remote-code files next to config.json and point every Auto class at them."""
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(PACKAGE_DIR / name, directory / name)
     config_path = directory / "config.json"
