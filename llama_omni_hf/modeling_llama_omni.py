@@ -351,10 +351,14 @@ class LlamaOmniPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["vocoder"]
     _supports_attention_backend = True
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, WhisperEncoder):  # as WhisperPreTrainedModel: fixed sinusoids, never random values
-            init.copy_(module.embed_positions.weight, sinusoids(*module.embed_positions.weight.shape))
+    @torch.no_grad()
+    def initialize_weights(self):
+        # Whisper's positions are fixed sinusoids, never random. WhisperPreTrainedModel._init_weights sets them on
+        # the WhisperEncoder module, which transformers skips in remote code (a module without parameters of its
+        # own counts as initialized). `init.copy_` leaves loaded weights alone and fills only missing ones.
+        super().initialize_weights()
+        positions = self.speech_encoder.embed_positions.weight
+        init.copy_(positions, sinusoids(*positions.shape).to(positions))
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
