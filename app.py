@@ -134,7 +134,7 @@ class Assistant:
         conversation = [m for t in history for m in (ask(t.audio, t.rate), {"role": "assistant", "content": t.text})]
         try:
             return self.processor.apply_chat_template(conversation + [ask(samples, rate)],
-                                                      add_generation_prompt=True, tokenize=True)
+                                                      add_generation_prompt=True, tokenize=True, return_tensors="pt")
         except ValueError as error:  # earlier turns were checked when asked: the new question is at fault
             raise ValueError(re.sub(r"audio\[\d+\]", "the question", str(error))) from None
 

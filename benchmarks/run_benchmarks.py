@@ -240,7 +240,7 @@ def spoken_question():
 
 
 def model_inputs(model, processor, audio):
-    inputs = processor(audio=audio, sampling_rate=16000)
+    inputs = processor(audio=audio, sampling_rate=16000, return_tensors="pt")
     ids = inputs["input_ids"]
     inputs["input_ids"] = ids.masked_fill(ids == processor.speech_token_id, model.config.speech_token_id)
     return inputs

@@ -67,7 +67,7 @@ def _answer(args) -> int:
     else:
         options.update(do_sample=False)
     for index, (samples, rate) in enumerate(recordings):
-        inputs = processor(audio=samples, sampling_rate=rate).to(model.device)
+        inputs = processor(audio=samples, sampling_rate=rate, return_tensors="pt").to(model.device)
         if args.stream:
             audio, units = [], None
             for chunk in model.generate_stream(**inputs, tokenizer=processor.tokenizer, chunk_size=args.chunk_size,

@@ -510,6 +510,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         unit_stream: used by `generate` to decode units incrementally; leave None.
         """
         past_key_values = pop_cache(past_key_values, kwargs)
+        loss_kwargs = {key: kwargs.pop(key) for key in ("num_items_in_batch", "shift_labels") if key in kwargs}
         return_dict = kwargs.pop("return_dict", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
@@ -532,11 +533,9 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
 
         lm_loss = ctc_loss = unit_logits = None
         if labels is not None and self.training_stage != 2:
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=IGNORE_INDEX,
-            )
+            # transformers' causal-LM loss: next-token cross-entropy over labels != -100 (as the original), and
+            # the Trainer's `num_items_in_batch` / `shift_labels`
+            lm_loss = self.loss_function(logits, labels, vocab_size=logits.shape[-1], **loss_kwargs)
         if unit_labels is not None:
             # original: states AT the label positions (not shifted), one per response token
             states = [h[l != IGNORE_INDEX] for h, l in zip(hidden, labels.to(hidden.device))]
@@ -561,6 +560,18 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             **{CACHE_FIELD: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, input_features=None,
+                                      is_first_iteration=False, **kwargs):
+        """transformers' own, with the audio passed at the prefill only (as Llava / Qwen2-Audio do): later steps
+        feed one new token, which has no placeholders. transformers < 5.15 forwards every keyword at every step."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+        model_inputs.pop("input_features", None)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["input_features"] = input_features
+        return model_inputs
 
     # --- incremental units during generation ---
     def init_unit_stream(self, batch_size: int, eos_token_id, on_step=None) -> LlamaOmniUnitStreamState:
@@ -622,30 +633,32 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                 "use return_audio=False to get text and units"
             )
         eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
-        if not return_units:
-            if return_audio:
-                raise ValueError("return_audio=True needs the units: do not pass return_units=False")
-            output = super().generate(input_ids=input_ids, input_features=input_features,
-                                      attention_mask=attention_mask, **kwargs)
-            return output if isinstance(output, torch.Tensor) else LlamaOmniGenerateOutput(**dict(output.items()))
-        if return_audio and not kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
+        if return_audio and not return_units:
+            raise ValueError("return_audio=True needs the units: do not pass return_units=False")
+        if return_units and return_audio and not kwargs.get("return_dict_in_generate",
+                                                            generation_config.return_dict_in_generate):
             raise ValueError("return_audio=True needs return_dict_in_generate=True: a tensor of ids has no room "
                              "for the audio")
-        if unit_stream is None:
+        input_ids, input_features, placeholders = self._hide_placeholders(input_ids, input_features, kwargs)
+        if return_units and unit_stream is None:
             # transformers repeats each prompt num_return_sequences times before the first step; without ids or
             # embeddings it starts one row from BOS
             prompts = kwargs.get("inputs_embeds", input_ids)
             copies = kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
             unit_stream = self.init_unit_stream((1 if prompts is None else prompts.shape[0]) * copies, eos)
+        if return_units:  # else plain Llama generation: text only
+            kwargs["unit_stream"] = unit_stream
         output = super().generate(
-            input_ids=input_ids,
-            input_features=input_features,
-            attention_mask=attention_mask,
-            unit_stream=unit_stream,
-            **kwargs,
+            input_ids=input_ids, input_features=input_features, attention_mask=attention_mask, **kwargs
         )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        if placeholders is not None:  # the prompt as the caller gave it
+            rows = placeholders.repeat_interleave(sequences.shape[0] // placeholders.shape[0], dim=0)
+            sequences[:, : rows.shape[1]][rows] = self.config.speech_token_id
         if isinstance(output, torch.Tensor):
             return output
+        if not return_units:
+            return LlamaOmniGenerateOutput(**dict(output.items()))
         device = output.sequences.device
         units = [torch.tensor(u, dtype=torch.long, device=device) for u in unit_stream.units]
         audio = None
@@ -654,6 +667,19 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         if return_audio:
             audio = self.units_to_audio(units)
         return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio)
+
+    def _hide_placeholders(self, input_ids, input_features, kwargs):
+        """Prefill from embeddings with the audio spliced in, and give transformers the prompt ids with an
+        in-vocabulary filler over the placeholders. Its logits processors (repetition penalty, n-gram bans) index
+        the scores with every id of the sequence, and the placeholder id lies after the vocabulary: an IndexError
+        in transformers 5.13. The caller gets the placeholders back in `sequences`."""
+        if input_ids is None or input_features is None or "inputs_embeds" in kwargs or kwargs.get("use_cache") is False:
+            return input_ids, input_features, None  # (without a cache every step re-reads the ids: keep them)
+        is_speech = input_ids == self.config.speech_token_id
+        kwargs["inputs_embeds"] = self._embed_with_speech(input_ids, input_features)
+        pad = self.generation_config.pad_token_id
+        filler = pad if isinstance(pad, int) and 0 <= pad < self.config.text_config.vocab_size else 0
+        return input_ids.masked_fill(is_speech, filler), None, is_speech
 
     @staticmethod
     def _check_decoding_mode(generation_config, kwargs):

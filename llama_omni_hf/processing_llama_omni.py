@@ -24,6 +24,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 DEFAULT_INSTRUCTION = "Please directly answer the questions in the user's speech."
+# `__call__`'s tokenizer options that `apply_chat_template(tokenize=True)` passes on (the rest go to the template)
+_PADDING_KWARGS = ("padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 
 # Llama-3 chat format. A user turn's content is a string or a list of {"type": "audio"|"text"} items; a turn
 # with audio and no text gets the original's instruction. The rendered text starts with <|begin_of_text|>
@@ -132,8 +134,8 @@ def _to_mono_float(audio, index: int) -> np.ndarray:
 class LlamaOmniProcessor(ProcessorMixin):
     r"""Whisper feature extractor (128 mels) + Llama-3 tokenizer.
 
-    `processor(audio=wav, sampling_rate=sr)` builds the original's single-turn prompt for each audio;
-    `processor.apply_chat_template(conversation, add_generation_prompt=True)` renders a multi-turn
+    `processor(audio=wav, sampling_rate=sr, return_tensors="pt")` builds the original's single-turn prompt for
+    each audio; `processor.apply_chat_template(conversation, add_generation_prompt=True)` renders a multi-turn
     conversation whose user turns carry `{"type": "audio"}` items. Audio at any rate is resampled to 16 kHz,
     stereo is averaged, audio over 30 s is cut to its first 30 s (as the original, with a warning).
     """
@@ -173,7 +175,8 @@ class LlamaOmniProcessor(ProcessorMixin):
             raise ValueError("no audio given")
         if sampling_rate is None:
             raise ValueError(
-                f"pass `sampling_rate=` (the rate of your audio); it is resampled to {SAMPLING_RATE} Hz"
+                f"pass `sampling_rate=` (the rate of your audio): the processor requires it explicitly and does not "
+                f"assume {SAMPLING_RATE} Hz; audio at any rate is resampled to {SAMPLING_RATE} Hz"
             )
         # one rate for all, or one per audio (a conversation may mix recordings)
         rates = list(sampling_rate) if isinstance(sampling_rate, (list, tuple)) else [sampling_rate] * len(audio)
@@ -199,9 +202,15 @@ class LlamaOmniProcessor(ProcessorMixin):
             result.append(wav)
         return result
 
-    def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        """Returns `input_ids`, `attention_mask` (left-padded) and `input_features` [n_audio, 128, 3000].
-        `sampling_rate`: the rate of every audio, or a list with one rate per audio."""
+    def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors=None, padding=True,
+                 truncation=None, max_length=None, pad_to_multiple_of=None, padding_side=None,
+                 return_attention_mask=None) -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` and `input_features` [n_audio, 128, 3000] (lists unless
+        `return_tensors="pt"`/"np", as every transformers processor). `sampling_rate`: the rate of every audio, or
+        a list with one rate per audio. `padding` (default: to the longest, on the left), `max_length`,
+        `pad_to_multiple_of`, `padding_side`, `return_attention_mask` as in `tokenizer.pad`. Nothing is ever
+        truncated: the model needs the whole conversation and every audio's placeholders, so `truncation=True`
+        with a prompt over `max_length` (else `tokenizer.model_max_length`) raises a ValueError."""
         audios = [] if audio is None else self._prepare_audio(audio, sampling_rate)
         if text is None:
             if not audios:
@@ -222,8 +231,21 @@ class LlamaOmniProcessor(ProcessorMixin):
             for token in ids:  # each slot becomes the fixed number of positions the adaptor yields
                 row.extend([token] * self.speech_tokens_per_audio if token == speech_id else [token])
             rows.append(row)
-        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors=return_tensors)
-        data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        truncate = truncation not in (None, False, "do_not_truncate")
+        longest, limit = max(map(len, rows), default=0), max_length or self.tokenizer.model_max_length
+        if truncate and longest > limit:
+            raise ValueError(
+                f"a prompt is {longest} tokens ({self.speech_tokens_per_audio} per audio) but truncation to {limit} "
+                "was requested: LlamaOmniProcessor never truncates, as a cut prompt loses the question or part of "
+                "an audio's placeholders; shorten the conversation or raise max_length"
+            )
+        padded = self.tokenizer.pad(
+            {"input_ids": rows}, padding=padding, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+            # a max_length that only bounded truncation is not a padding length (the tokenizer would warn)
+            max_length=None if truncate and padding != "max_length" else max_length,
+            return_attention_mask=return_attention_mask, return_tensors=return_tensors,
+        )
+        data = dict(padded)
         if audios:
             features = self.feature_extractor(
                 audios, sampling_rate=SAMPLING_RATE, padding="max_length", return_tensors=return_tensors
@@ -231,19 +253,34 @@ class LlamaOmniProcessor(ProcessorMixin):
             data["input_features"] = features["input_features"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, sampling_rate=None,
-                            **kwargs):
-        """Render a conversation (Llama-3 format). With `tokenize=True`, audio items must carry their samples
-        (`{"type": "audio", "audio": array}` or `{"type": "audio", "path": "q.wav"}`) and the processor
-        outputs are returned."""
-        text = self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-            tokenize=False, **kwargs,
-        )
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=True, tokenize=False,
+                            return_tensors=None, return_dict=True, sampling_rate=None, **kwargs):
+        """Render a conversation (Llama-3 format), or a list of conversations. With `tokenize=True`, audio items
+        must carry their samples (`{"type": "audio", "audio": array}` or `{"type": "audio", "path": "q.wav"}`)
+        and the processor's outputs for the whole batch are returned (only `input_ids` if `return_dict=False`);
+        `__call__`'s padding options may be passed too. Other keyword arguments go to the template."""
+        template = self.chat_template if chat_template is None else chat_template
+        call_kwargs = {key: kwargs.pop(key) for key in _PADDING_KWARGS if key in kwargs}
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts = [
+            self.tokenizer.apply_chat_template(
+                messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+            )
+            for messages in conversations
+        ]
         if not tokenize:
-            return text
+            return texts if batched else texts[0]
+        audios, rates = self._conversation_audio(conversations, sampling_rate)
+        inputs = self(audio=audios or None, text=texts, sampling_rate=rates or None, return_tensors=return_tensors,
+                      **call_kwargs)
+        return inputs if return_dict else inputs["input_ids"]
+
+    @staticmethod
+    def _conversation_audio(conversations, sampling_rate) -> tuple[list, list]:
+        """The samples and rate of every audio item, in order, across all conversations."""
         audios, rates = [], []
-        for message in conversation:
+        for message in (message for messages in conversations for message in messages):
             for item in message["content"] if not isinstance(message["content"], str) else []:
                 if item.get("type") != "audio":
                     continue
@@ -252,7 +289,7 @@ class LlamaOmniProcessor(ProcessorMixin):
                     if rate is None:
                         raise ValueError(
                             f"audio item {len(audios)} has samples but no rate: add 'sampling_rate' to the item "
-                            "or pass sampling_rate="
+                            f"or pass sampling_rate= (the processor requires it; it does not assume {SAMPLING_RATE} Hz)"
                         )
                     audios.append(item["audio"])
                     rates.append(rate)
@@ -262,7 +299,7 @@ class LlamaOmniProcessor(ProcessorMixin):
                     rates.append(rate)
                 else:
                     raise ValueError("an audio item needs its samples ('audio') or a file ('path') to tokenize")
-        return self(audio=audios or None, text=text, sampling_rate=rates or None)
+        return audios, rates
 
     @property
     def model_input_names(self):

@@ -28,7 +28,7 @@ def question_wav(speech, tmp_path_factory):
 def direct_answer(model, processor, question_wav):
     """What the model gives when called directly on the same file."""
     samples, rate = sf.read(question_wav, dtype="float32")
-    inputs = processor(audio=samples, sampling_rate=rate)
+    inputs = processor(audio=samples, sampling_rate=rate, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=int(MAX_NEW_TOKENS),
                              return_dict_in_generate=True, return_audio=True)

@@ -398,7 +398,7 @@ def test_speech_positions_hold_adaptor_outputs(model, processor, speech):
     )
     default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
     inputs = processor(audio=[speech["france"], speech["tea"], speech["france"][::-1].copy()],
-                       text=[default, two_audio], sampling_rate=16000)
+                       text=[default, two_audio], sampling_rate=16000, return_tensors="pt")
     ids = inputs["input_ids"]
     assert (ids == model.config.speech_token_id).sum(-1).tolist() == [300, 600]
     captured = {}
@@ -480,11 +480,12 @@ def test_batch_of_two_equals_each_alone(sharp_model, processor, speech, france_i
     )
     default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
     alone = [
-        processor(audio=speech["france"], text=default, sampling_rate=16000),
-        processor(audio=speech["tea"], text=custom, sampling_rate=16000),
+        processor(audio=speech["france"], text=default, sampling_rate=16000, return_tensors="pt"),
+        processor(audio=speech["tea"], text=custom, sampling_rate=16000, return_tensors="pt"),
     ]
     assert alone[0]["input_ids"].tolist() == france_inputs["input_ids"].tolist()
-    batch = processor(audio=[speech["france"], speech["tea"]], text=[default, custom], sampling_rate=16000)
+    batch = processor(audio=[speech["france"], speech["tea"]], text=[default, custom], sampling_rate=16000,
+                      return_tensors="pt")
     lengths = [a["input_ids"].shape[1] for a in alone]
     assert lengths[0] != lengths[1] and batch["input_ids"].shape[1] == max(lengths)
     pad = processor.tokenizer.pad_token_id

@@ -42,7 +42,7 @@ def tone(freq, sr, seconds=2.0, amplitude=0.5):
 
 
 def features(processor, audio, sr=SR):
-    return processor(audio=audio, sampling_rate=sr)["input_features"][0]
+    return processor(audio=audio, sampling_rate=sr, return_tensors="pt")["input_features"][0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def test_default_prompt_is_the_original_with_double_bos(processor, speech):
     assert processor.apply_chat_template(SINGLE_AUDIO_TURN, add_generation_prompt=True) == SPEC_PROMPT
     tokenizer = processor.tokenizer
     bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
-    inputs = processor(audio=speech["france"], sampling_rate=SR)
+    inputs = processor(audio=speech["france"], sampling_rate=SR, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     expected = original_tokenization(tokenizer, SPEC_PROMPT, processor.speech_token_id)
     assert ids == expected
@@ -95,7 +95,7 @@ def test_chat_template_multi_turn_with_audio_turns(processor, speech, tmp_path):
         "<|start_header_id|>user<|end_header_id|>\n\n<speech>\nAnswer this one too.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids == original_tokenization(processor.tokenizer, text, processor.speech_token_id)
     assert inputs["input_features"].shape == (2, 128, 3000)
@@ -111,8 +111,9 @@ def test_batch_of_audios_pads_on_the_left(processor, speech):
                                                           "with an example and a short summary at the end."}]}]
     )
     audios = [speech["tea"], speech["france"]]  # different lengths
-    batch = processor(audio=audios, text=[short_prompt, long_prompt], sampling_rate=SR)
-    alone = [processor(audio=a, text=t, sampling_rate=SR) for a, t in zip(audios, [short_prompt, long_prompt])]
+    batch = processor(audio=audios, text=[short_prompt, long_prompt], sampling_rate=SR, return_tensors="pt")
+    alone = [processor(audio=a, text=t, sampling_rate=SR, return_tensors="pt")
+             for a, t in zip(audios, [short_prompt, long_prompt])]
     lengths = [a["input_ids"].shape[1] for a in alone]
     assert lengths[0] < lengths[1] and batch["input_ids"].shape == (2, lengths[1])
     pad = processor.tokenizer.pad_token_id
@@ -123,7 +124,7 @@ def test_batch_of_audios_pads_on_the_left(processor, speech):
         assert batch["attention_mask"][row].tolist() == [0] * padding + [1] * length
         torch.testing.assert_close(batch["input_features"][row], single["input_features"][0])
     # a plain list of audios with the default prompt
-    plain = processor(audio=audios, sampling_rate=SR)
+    plain = processor(audio=audios, sampling_rate=SR, return_tensors="pt")
     assert plain["input_ids"].shape == (2, lengths[0]) and bool(plain["attention_mask"].all())
 
 
@@ -187,7 +188,9 @@ GOOD = tone(440.0, SR, 1.0)
         (dict(audio=np.zeros((2, 2, 1600), np.float32)), r"audio\[0\] has shape \(2, 2, 1600\); expected \[samples\]"),
         (dict(audio=[]), r"no audio given"),
         (dict(), r"pass `audio=`"),
-        (dict(audio=GOOD, sampling_rate=None), r"pass `sampling_rate=` \(the rate of your audio\)"),
+        (dict(audio=GOOD, sampling_rate=None),
+         r"pass `sampling_rate=` \(the rate of your audio\): the processor requires it explicitly and does not "
+         r"assume 16000 Hz"),
         (dict(audio=GOOD, sampling_rate=0), r"sampling_rate=0 is not a valid audio rate"),
         (dict(audio=GOOD, sampling_rate="16k"), r"sampling_rate='16k' is not a valid audio rate"),
         (dict(audio=GOOD, sampling_rate=16000.5), r"sampling_rate=16000.5 is not a valid audio rate"),
@@ -209,7 +212,9 @@ def test_chat_template_audio_items_without_samples_or_rate_are_clear_errors(proc
     sf.write(tmp_path / "q.wav", GOOD, 22050)
     conversation = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "q.wav")},
                                                  {"type": "audio", "audio": GOOD}]}]
-    with pytest.raises(ValueError, match=r"audio item 1 has samples but no rate: add 'sampling_rate' to the item"):
+    no_rate = (r"audio item 1 has samples but no rate: add 'sampling_rate' to the item or pass sampling_rate= "
+               r"\(the processor requires it; it does not assume 16000 Hz\)")
+    with pytest.raises(ValueError, match=no_rate):
         processor.apply_chat_template(conversation, tokenize=True)
 
 
@@ -222,7 +227,112 @@ def test_missing_or_corrupt_audio_file_in_a_conversation_is_a_clear_error(proces
 
 
 def test_bfloat16_tensor_audio_is_accepted(processor):
-    as_bf16 = processor(audio=torch.from_numpy(GOOD).bfloat16(), sampling_rate=16000)
-    upcast = processor(audio=torch.from_numpy(GOOD).bfloat16().float(), sampling_rate=16000)  # the same samples
+    as_bf16 = processor(audio=torch.from_numpy(GOOD).bfloat16(), sampling_rate=16000, return_tensors="pt")
+    upcast = processor(audio=torch.from_numpy(GOOD).bfloat16().float(), sampling_rate=16000,  # the same samples
+                       return_tensors="pt")
     assert torch.equal(as_bf16["input_ids"], upcast["input_ids"])
     assert torch.equal(as_bf16["input_features"], upcast["input_features"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' processor conventions (ProcessorTesterMixin findings)
+# ----------------------------------------------------------------------------------------------------------
+
+GOOD_TURN = [{"role": "user", "content": [{"type": "audio", "audio": GOOD, "sampling_rate": SR}]}]
+
+
+def test_a_caller_chat_template_replaces_the_default(processor):
+    template = "<|begin_of_text|>{% for message in messages %}[{{ message['role'] }}] <speech>{% endfor %}"
+    text = processor.apply_chat_template(GOOD_TURN, chat_template=template)
+    assert text == "<|begin_of_text|>[user] <speech>"
+    inputs = processor.apply_chat_template(GOOD_TURN, chat_template=template, tokenize=True)
+    assert inputs["input_ids"] == [original_tokenization(processor.tokenizer, text, processor.speech_token_id)]
+    assert processor.apply_chat_template(GOOD_TURN) == SPEC_PROMPT  # the processor's own template is unchanged
+
+
+def test_a_batch_of_conversations_is_tokenized_together_with_left_padding(processor, speech):
+    france, tea = speech["france"], speech["tea"]
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio", "audio": france, "sampling_rate": SR}]}],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [{"type": "audio", "audio": tea, "sampling_rate": SR},
+                                      {"type": "text", "text": "Two things, please."}]},
+         {"role": "assistant", "content": "Sure."},
+         {"role": "user", "content": [{"type": "audio", "audio": france, "sampling_rate": SR}]}],
+    ]
+    texts = processor.apply_chat_template(conversations)
+    assert texts == [processor.apply_chat_template(conversation) for conversation in conversations]
+    batch = processor.apply_chat_template(conversations, tokenize=True, return_tensors="pt")
+    rows = [original_tokenization(processor.tokenizer, text, processor.speech_token_id) for text in texts]
+    width, pad = max(map(len, rows)), processor.tokenizer.pad_token_id
+    assert len(rows[0]) < width
+    assert batch["input_ids"].tolist() == [[pad] * (width - len(row)) + row for row in rows]
+    assert batch["attention_mask"].tolist() == [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    assert batch["input_features"].shape == (3, 128, 3000)  # every audio of the batch, in order
+    for row, audio in zip(batch["input_features"], [france, tea, france]):
+        torch.testing.assert_close(row, features(processor, audio))
+
+
+def test_outputs_are_lists_unless_return_tensors_is_given(processor):
+    lists = processor(audio=GOOD, sampling_rate=SR)
+    tensors = processor(audio=GOOD, sampling_rate=SR, return_tensors="pt")
+    assert type(lists["input_ids"]) is list and type(lists["input_ids"][0][0]) is int
+    assert lists["input_ids"] == tensors["input_ids"].tolist()
+    assert lists["attention_mask"] == tensors["attention_mask"].tolist()
+    assert not isinstance(lists["input_features"], torch.Tensor)  # the feature extractor's numpy output
+    np.testing.assert_array_equal(np.asarray(lists["input_features"]), tensors["input_features"].numpy())
+    assert isinstance(processor(audio=GOOD, sampling_rate=SR, return_tensors="np")["input_ids"], np.ndarray)
+    # apply_chat_template(tokenize=True) alike; return_dict=False gives only the ids
+    assert processor.apply_chat_template(GOOD_TURN, tokenize=True)["input_ids"] == lists["input_ids"]
+    assert processor.apply_chat_template(GOOD_TURN, tokenize=True, return_dict=False) == lists["input_ids"]
+    ids = processor.apply_chat_template(GOOD_TURN, tokenize=True, return_dict=False, return_tensors="pt")
+    assert torch.equal(ids, tensors["input_ids"])
+
+
+def test_padding_options_are_honoured(processor):
+    ids = processor(audio=GOOD, sampling_rate=SR)["input_ids"][0]
+    n, pad = len(ids), processor.tokenizer.pad_token_id
+    padded = processor(audio=GOOD, sampling_rate=SR, padding="max_length", max_length=n + 7)
+    assert padded["input_ids"] == [[pad] * 7 + ids] and padded["attention_mask"] == [[0] * 7 + [1] * n]
+    right = processor(audio=GOOD, sampling_rate=SR, padding="max_length", max_length=n + 3, padding_side="right")
+    assert right["input_ids"] == [ids + [pad] * 3]
+    multiple = processor(audio=GOOD, sampling_rate=SR, pad_to_multiple_of=64)["input_ids"][0]
+    assert len(multiple) % 64 == 0 and len(multiple) - n < 64 and multiple[len(multiple) - n:] == ids
+    assert "attention_mask" not in processor(audio=GOOD, sampling_rate=SR, return_attention_mask=False)
+    # padding=False leaves a batch ragged
+    texts = [SPEC_PROMPT, SPEC_PROMPT.replace("the questions", "every one of the many questions")]
+    ragged = processor(audio=[GOOD, GOOD], text=texts, sampling_rate=SR, padding=False)["input_ids"]
+    assert ragged == [processor(audio=GOOD, text=text, sampling_rate=SR)["input_ids"][0] for text in texts]
+    assert len(ragged[0]) < len(ragged[1])
+    # and through apply_chat_template
+    via_chat = processor.apply_chat_template(GOOD_TURN, tokenize=True, padding="max_length", max_length=n + 7)
+    assert via_chat["input_ids"] == padded["input_ids"]
+
+
+def test_truncation_never_cuts_a_prompt_and_says_why(processor):
+    n = len(processor(audio=GOOD, sampling_rate=SR)["input_ids"][0])
+    message = rf"a prompt is {n} tokens \(300 per audio\) but truncation to {n - 1} was requested: LlamaOmniProcessor"
+    with pytest.raises(ValueError, match=message):
+        processor(audio=GOOD, sampling_rate=SR, truncation=True, max_length=n - 1)
+    with pytest.raises(ValueError, match=message):
+        processor.apply_chat_template(GOOD_TURN, tokenize=True, truncation="longest_first", max_length=n - 1)
+    fits = processor(audio=GOOD, sampling_rate=SR, truncation=True, max_length=n)
+    assert fits["input_ids"] == processor(audio=GOOD, sampling_rate=SR)["input_ids"]
+    # without max_length the limit is the tokenizer's model_max_length (2048 in the tiny checkpoint)
+    limit = processor.tokenizer.model_max_length
+    many = ["<|begin_of_text|>" + "<speech>" * (limit // 300 + 1)]
+    with pytest.raises(ValueError, match=rf"but truncation to {limit} was requested"):
+        processor(audio=[GOOD] * (limit // 300 + 1), text=many, sampling_rate=SR, truncation=True)
+    # options the processor does not know are an error, not silently ignored
+    with pytest.raises(TypeError, match="unexpected keyword argument 'images'"):
+        processor(audio=GOOD, sampling_rate=SR, images=[np.zeros((3, 8, 8))])
+
+
+def test_speech_token_is_one_added_token_of_the_saved_tokenizer(processor, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=True)  # loaded on its own
+    speech_id = tokenizer.convert_tokens_to_ids("<speech>")
+    assert speech_id == processor.speech_token_id == len(tokenizer) - 1
+    assert tokenizer("a <speech> b", add_special_tokens=False)["input_ids"].count(speech_id) == 1
+    assert processor(audio=GOOD, sampling_rate=SR)["input_ids"][0].count(speech_id) == 300

@@ -86,7 +86,7 @@ LOAD_THROUGH_HUB = textwrap.dedent("""
     model = AutoModel.from_pretrained("user/omni", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained("user/omni", trust_remote_code=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
-    inputs = processor(audio=torch.linspace(-0.5, 0.5, 8000).sin().numpy(), sampling_rate=16000)
+    inputs = processor(audio=torch.linspace(-0.5, 0.5, 8000).sin().numpy(), sampling_rate=16000, return_tensors="pt")
     out = model.generate(**inputs, do_sample=False, max_new_tokens=3, return_dict_in_generate=True)
     print("LOADED " + json.dumps({"class": type(model).__name__, "processor": type(processor).__name__,
                                   "new_tokens": out.sequences.shape[1] - inputs["input_ids"].shape[1],

@@ -57,6 +57,19 @@ REMOTE_SCRIPT = textwrap.dedent(
     output = model.generate(**inputs, do_sample=False, max_new_tokens=4, eos_token_id=[1],
                             return_dict_in_generate=True, return_audio=False)
     result["sequences"], result["units"] = output.sequences, output.units
+    # streamed: the same answer chunk by chunk, with audio from the remote vocoder
+    chunks = list(model.generate_stream(**inputs, tokenizer=processor.tokenizer, do_sample=False, max_new_tokens=4,
+                                        eos_token_id=[1], chunk_size=2))
+    result["streamed"] = {"sequences": chunks[-1].sequences, "units": chunks[-1].all_units,
+                          "audio_samples": sum(len(c.audio) for c in chunks)}
+    # saved and reloaded (remote code travels with the save): the same logits
+    saved = out_path + ".saved"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    reloaded = AutoModel.from_pretrained(saved, trust_remote_code=True).eval()
+    with torch.no_grad():
+        result["reloaded"] = reloaded(**AutoProcessor.from_pretrained(saved, trust_remote_code=True)(
+            audio=np.load(audio_path), sampling_rate=16000, return_tensors="pt")).logits
     result["classes"]["loaded"] = sorted(name for name in sys.modules if "llama_omni" in name.lower())
     torch.save(result, out_path)
     """
@@ -98,6 +111,12 @@ def test_checkpoint_runs_through_auto_classes_without_the_package(tiny_checkpoin
                            return_dict_in_generate=True, return_audio=False)
     assert remote["sequences"].tolist() == local.sequences.tolist()
     assert [u.tolist() for u in remote["units"]] == [u.tolist() for u in local.units]
+    streamed = remote["streamed"]
+    assert streamed["sequences"].tolist() == local.sequences.tolist()
+    assert streamed["units"].tolist() == local.units[0].tolist()
+    if len(local.units[0]):
+        assert streamed["audio_samples"] > 0
+    torch.testing.assert_close(remote["reloaded"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_remote_files_are_listed_in_auto_map(tiny_checkpoint):

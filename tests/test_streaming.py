@@ -18,7 +18,7 @@ MAX_NEW = 24
 def tiny():
     model, processor = build_tiny_model_and_processor(vocoder=True, seed=1)
     audio = synthesize("What is the tallest mountain in the world?")
-    inputs = processor(audio=audio, sampling_rate=16000)
+    inputs = processor(audio=audio, sampling_rate=16000, return_tensors="pt")
     return model, processor, inputs
 
 
@@ -181,7 +181,7 @@ def test_answer_without_units_gives_empty_audio(tiny):
 
 def test_checkpoint_without_vocoder():
     model, processor = build_tiny_model_and_processor(vocoder=False, seed=2)
-    inputs = processor(audio=synthesize("Hello there."), sampling_rate=16000)
+    inputs = processor(audio=synthesize("Hello there."), sampling_rate=16000, return_tensors="pt")
     with pytest.raises(ValueError, match="no vocoder"):
         model.generate(**inputs, max_new_tokens=4, return_audio=True)
     out = model.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True)
@@ -272,7 +272,8 @@ def test_vocoder_stays_in_float32_when_the_model_is_half(tmp_path):
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in model.vocoder.parameters()} == {torch.float32}
-    out = model.generate(**processor(audio=synthesize("Hello there."), sampling_rate=16000), max_new_tokens=6,
+    out = model.generate(**processor(audio=synthesize("Hello there."), sampling_rate=16000, return_tensors="pt"),
+                         max_new_tokens=6,
                          return_dict_in_generate=True)
     assert out.audio[0].dtype == torch.float32 and len(out.audio[0]) > 0
 
