@@ -13,8 +13,6 @@ predicted each text token -> upsampled x25 -> causal unit decoder -> CTC argmax 
 vocoder -> 16 kHz speech.
 """
 
-from __future__ import annotations
-
 import copy
 import queue
 import threading
@@ -23,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .transformers_compat import CACHE_FIELD, cache_kwargs, output_cache, pop_cache  # first: checks the release
+
+from .transformers_compat import CACHE_FIELD, cache_kwargs, output_cache, resolve_cache  # first: checks the release
 
 from transformers import GenerationMixin, LlamaModel, PreTrainedModel  # noqa: E402
 from transformers import initialization as init  # noqa: E402
@@ -33,8 +32,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.generation.utils import GenerateDecoderOnlyOutput  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.processing_utils import Unpack  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids  # noqa: E402
+from transformers.utils import TransformersKwargs  # noqa: E402
 
 from .configuration_llama_omni import LlamaOmniConfig  # noqa: E402
 
@@ -500,7 +501,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         unit_stream: LlamaOmniUnitStreamState | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LlamaOmniCausalLMOutput:
         r"""
         input_features: [n_audio, 128, 3000] log-mel from the processor, one per `<speech>` slot.
@@ -509,7 +511,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             final-norm states at the response positions (where labels != -100), as the original.
         unit_stream: used by `generate` to decode units incrementally; leave None.
         """
-        past_key_values = pop_cache(past_key_values, kwargs)
+        past_key_values = resolve_cache(cache, past_key_values)  # `cache` from transformers 5.24 on
         loss_kwargs = {key: kwargs.pop(key) for key in ("num_items_in_batch", "shift_labels") if key in kwargs}
         return_dict = kwargs.pop("return_dict", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 
 from transformers import __version__ as TRANSFORMERS_VERSION
 
@@ -46,11 +47,14 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
-def pop_cache(past_key_values, kwargs: dict):
-    """The cache a caller passed to our `forward` under either name (generate uses `cache=` from 5.24 on)."""
-    cache = kwargs.pop("cache", None)
+def resolve_cache(cache, past_key_values):
+    """The cache a caller passed to our `forward` under either name. generate passes it under the installed
+    release's name; the other name warns as transformers' own models do from 5.24 on (the old name goes in 5.40)."""
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
+    if past_key_values is not None and CACHE_ARG == "cache":
+        warnings.warn("`past_key_values` is deprecated for LlamaOmniForConditionalGeneration.forward: use `cache` "
+                      "(transformers >= 5.24)", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 
@@ -59,5 +63,5 @@ def output_cache(outputs):
     return outputs.get(CACHE_FIELD)
 
 
-__all__ = ["MIN_TRANSFORMERS_VERSION", "CACHE_ARG", "CACHE_FIELD", "cache_kwargs", "pop_cache", "output_cache",
+__all__ = ["MIN_TRANSFORMERS_VERSION", "CACHE_ARG", "CACHE_FIELD", "cache_kwargs", "resolve_cache", "output_cache",
            "check_transformers_version"]

@@ -4,8 +4,10 @@ contracts that transformers' own common tests check, and one clear error on a re
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import warnings
 
 import pytest
 import torch
@@ -46,6 +48,21 @@ def test_forward_returns_the_cache_and_continues_from_it(model, france_inputs):
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="pass the cache once"):
         model(input_ids=next_id, cache=cache, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_old_cache_name_warns_only_where_transformers_renamed_it(model, france_inputs):
+    """As transformers' own models: `past_key_values` is deprecated from 5.24 on, and the only name before."""
+    cache = model(**france_inputs, use_cache=True)[CACHE_FIELD]
+    next_id = torch.tensor([[5]])
+    mask = torch.cat([france_inputs["attention_mask"], torch.ones_like(next_id)], 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old_name = model(input_ids=next_id, attention_mask=mask, past_key_values=copy.deepcopy(cache)).logits
+    warned = any("`past_key_values` is deprecated" in str(w.message) for w in caught)
+    assert warned == (CACHE_ARG == "cache")
+    new_name = model(input_ids=next_id, attention_mask=mask, **{CACHE_ARG: copy.deepcopy(cache)}).logits
+    torch.testing.assert_close(old_name, new_name, rtol=0, atol=0)
 
 
 def test_too_old_transformers_is_one_clear_error():
