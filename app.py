@@ -133,8 +133,8 @@ class Assistant:
             {"type": "audio", "audio": audio, "sampling_rate": rate}]}
         conversation = [m for t in history for m in (ask(t.audio, t.rate), {"role": "assistant", "content": t.text})]
         try:
-            return self.processor.apply_chat_template(conversation + [ask(samples, rate)],
-                                                      add_generation_prompt=True, tokenize=True, return_tensors="pt")
+            return self.processor.apply_chat_template(conversation + [ask(samples, rate)], add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True, return_tensors="pt")
         except ValueError as error:  # earlier turns were checked when asked: the new question is at fault
             raise ValueError(re.sub(r"audio\[\d+\]", "the question", str(error))) from None
 

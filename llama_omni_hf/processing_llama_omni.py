@@ -7,6 +7,7 @@ expanded to the 300 placeholder ids the model overwrites with adaptor outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -98,6 +99,20 @@ def _read_audio_file(path) -> tuple[np.ndarray, int]:
     return samples.T, rate
 
 
+def _plain(value):
+    """Message objects (dataclasses, pydantic models) as dicts, without the keys whose value is None, as
+    transformers' `apply_chat_template` takes them; arrays and other values are kept as they are."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return value
+
+
 def _to_mono_float(audio, index: int) -> np.ndarray:
     """Validate one audio input and return mono float32 [T]."""
     name = f"audio[{index}]"
@@ -136,7 +151,8 @@ class LlamaOmniProcessor(ProcessorMixin):
 
     `processor(audio=wav, sampling_rate=sr, return_tensors="pt")` builds the original's single-turn prompt for
     each audio; `processor.apply_chat_template(conversation, add_generation_prompt=True)` renders a multi-turn
-    conversation whose user turns carry `{"type": "audio"}` items. Audio at any rate is resampled to 16 kHz,
+    conversation whose user turns carry `{"type": "audio"}` items. `audio_token` / `audio_token_id` (transformers'
+    names) are the `<speech>` placeholder. Audio at any rate is resampled to 16 kHz,
     stereo is averaged, audio over 30 s is cut to its first 30 s (as the original, with a warning).
     """
 
@@ -163,6 +179,14 @@ class LlamaOmniProcessor(ProcessorMixin):
     @property
     def speech_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.speech_token)
+
+    @property
+    def audio_token(self) -> str:  # transformers' audio processors name the placeholder so
+        return self.speech_token
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.speech_token_id
 
     def _prepare_audio(self, audio, sampling_rate) -> list[np.ndarray]:
         if isinstance(audio, np.ndarray) and audio.ndim == 1 or isinstance(audio, torch.Tensor) and audio.ndim == 1:
@@ -202,16 +226,17 @@ class LlamaOmniProcessor(ProcessorMixin):
             result.append(wav)
         return result
 
-    def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors=None, padding=True,
+    def __call__(self, audio=None, text=None, sampling_rate=None, return_tensors=None, padding=None,
                  truncation=None, max_length=None, pad_to_multiple_of=None, padding_side=None,
                  return_attention_mask=None) -> BatchFeature:
         """Returns `input_ids`, `attention_mask` and `input_features` [n_audio, 128, 3000] (lists unless
         `return_tensors="pt"`/"np", as every transformers processor). `sampling_rate`: the rate of every audio, or
-        a list with one rate per audio. `padding` (default: to the longest, on the left), `max_length`,
+        a list with one rate per audio. `padding` (default None: to the longest, on the left), `max_length`,
         `pad_to_multiple_of`, `padding_side`, `return_attention_mask` as in `tokenizer.pad`. Nothing is ever
         truncated: the model needs the whole conversation and every audio's placeholders, so `truncation=True`
         with a prompt over `max_length` (else `tokenizer.model_max_length`) raises a ValueError."""
         audios = [] if audio is None else self._prepare_audio(audio, sampling_rate)
+        padding = True if padding is None else padding  # None (transformers' rule for __call__ defaults): longest
         if text is None:
             if not audios:
                 raise ValueError("pass `audio=` (and optionally `text=`, e.g. from apply_chat_template)")
@@ -253,37 +278,69 @@ class LlamaOmniProcessor(ProcessorMixin):
             data["input_features"] = features["input_features"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=True, tokenize=False,
-                            return_tensors=None, return_dict=True, sampling_rate=None, **kwargs):
-        """Render a conversation (Llama-3 format), or a list of conversations. With `tokenize=True`, audio items
-        must carry their samples (`{"type": "audio", "audio": array}` or `{"type": "audio", "path": "q.wav"}`)
-        and the processor's outputs for the whole batch are returned (only `input_ids` if `return_dict=False`);
-        `__call__`'s padding options may be passed too. Other keyword arguments go to the template."""
-        template = self.chat_template if chat_template is None else chat_template
-        call_kwargs = {key: kwargs.pop(key) for key in _PADDING_KWARGS if key in kwargs}
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=False, tokenize=False,
+                            return_tensors=None, return_dict=False, processor_kwargs=None,
+                            return_assistant_tokens_mask=False, sampling_rate=None, **kwargs):
+        """Render a conversation (Llama-3 format) or a list of them, with the defaults of transformers'
+        `ProcessorMixin.apply_chat_template`: pass `add_generation_prompt=True` to prompt an answer. Messages are
+        dicts, dataclasses or pydantic models. With `tokenize=True` audio items carry their samples
+        (`{"type": "audio", "audio": array, "sampling_rate": rate}`) or a local file (`"path"`, or a `"url"`
+        naming one) and the `input_ids` of the batch are returned, or with `return_dict=True` all `__call__`'s
+        outputs. `processor_kwargs`: `__call__`'s options (its padding options may also come as keyword
+        arguments). `return_assistant_tokens_mask=True` (with `return_dict=True`) adds `assistant_masks`: 1 on
+        the tokens that the template's `{% generation %}` blocks render. Other keyword arguments go to the
+        template."""
+        options = {key: kwargs.pop(key) for key in _PADDING_KWARGS if key in kwargs}
+        options.update(processor_kwargs or {})
+        options.setdefault("return_tensors", return_tensors)
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
-        texts = [
-            self.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-            )
-            for messages in conversations
-        ]
+        conversations = [_plain(messages) for messages in (conversation if batched else [conversation])]
+        render = dict(chat_template=self.chat_template if chat_template is None else chat_template,
+                      add_generation_prompt=add_generation_prompt, **kwargs)
+        texts = [self.tokenizer.apply_chat_template(messages, tokenize=False, **render) for messages in conversations]
         if not tokenize:
             return texts if batched else texts[0]
-        audios, rates = self._conversation_audio(conversations, sampling_rate)
-        inputs = self(audio=audios or None, text=texts, sampling_rate=rates or None, return_tensors=return_tensors,
-                      **call_kwargs)
+        audios, rates = self._conversation_audio(conversations, options.pop("sampling_rate", sampling_rate))
+        inputs = self(audio=audios or None, text=texts, sampling_rate=rates or None, **options)
+        if return_assistant_tokens_mask:
+            inputs["assistant_masks"] = self._assistant_masks(conversations, render, inputs["input_ids"],
+                                                              options.get("padding_side"))
+            inputs = BatchFeature(data=dict(inputs), tensor_type=options["return_tensors"])
         return inputs if return_dict else inputs["input_ids"]
+
+    def _assistant_masks(self, conversations, render, input_ids, padding_side) -> list[list[int]]:
+        """The tokenizer's assistant mask of each rendered conversation, laid over the processor's row: the
+        double BOS's extra id and padding get 0, each slot's expansion its slot's value."""
+        side = padding_side or self.tokenizer.padding_side
+        masks = []
+        for messages, row in zip(conversations, input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids):
+            reference = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **render
+            )
+            ids = [self.tokenizer.bos_token_id] if self.double_bos else []
+            mask = [0] * len(ids)
+            for token, flag in zip(reference["input_ids"], reference["assistant_masks"]):
+                repeat = self.speech_tokens_per_audio if token == self.speech_token_id else 1
+                ids, mask = ids + [token] * repeat, mask + [flag] * repeat
+            pad = len(row) - len(ids)
+            if pad < 0 or (row[pad:] if side == "left" else row[: len(ids)]) != ids:
+                raise ValueError("the tokenizer's chat template tokenization differs from the processor's")
+            masks.append([0] * pad + mask if side == "left" else mask + [0] * pad)
+        return masks
 
     @staticmethod
     def _conversation_audio(conversations, sampling_rate) -> tuple[list, list]:
         """The samples and rate of every audio item, in order, across all conversations."""
         audios, rates = [], []
         for message in (message for messages in conversations for message in messages):
-            for item in message["content"] if not isinstance(message["content"], str) else []:
-                if item.get("type") != "audio":
+            for item in message.get("content") if isinstance(message.get("content"), list) else []:
+                if item.get("type") == "text":
                     continue
+                if item.get("type") != "audio":
+                    raise ValueError(f"{item.get('type')!r} items are not supported: LLaMA-Omni takes audio and text "
+                                     "items only")
                 if "audio" in item:
                     rate = item.get("sampling_rate", sampling_rate)
                     if rate is None:
@@ -293,8 +350,12 @@ class LlamaOmniProcessor(ProcessorMixin):
                         )
                     audios.append(item["audio"])
                     rates.append(rate)
-                elif "path" in item:
-                    samples, rate = _read_audio_file(item["path"])
+                elif "path" in item or "url" in item:
+                    location = str(item.get("path", item.get("url")))
+                    if "://" in location and not location.startswith("file://"):
+                        raise ValueError(f"the audio URL {location!r} is not downloaded by the processor: pass a local "
+                                         "file as 'path' (or its samples as 'audio')")
+                    samples, rate = _read_audio_file(location.removeprefix("file://"))
                     audios.append(samples)
                     rates.append(rate)
                 else:

@@ -396,7 +396,8 @@ def test_speech_positions_hold_adaptor_outputs(model, processor, speech):
          {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "And this one?"}]}],
         add_generation_prompt=True,
     )
-    default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
+    default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}],
+                                            add_generation_prompt=True)
     inputs = processor(audio=[speech["france"], speech["tea"], speech["france"][::-1].copy()],
                        text=[default, two_audio], sampling_rate=16000, return_tensors="pt")
     ids = inputs["input_ids"]
@@ -476,9 +477,11 @@ def test_batch_of_two_equals_each_alone(sharp_model, processor, speech, france_i
     padded while row 1 runs on, and must get no units after its EOS."""
     custom = processor.apply_chat_template(
         [{"role": "system", "content": "Answer in one short sentence."},
-         {"role": "user", "content": [{"type": "audio"}]}]
+         {"role": "user", "content": [{"type": "audio"}]}],
+        add_generation_prompt=True,
     )
-    default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
+    default = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}],
+                                            add_generation_prompt=True)
     alone = [
         processor(audio=speech["france"], text=default, sampling_rate=16000, return_tensors="pt"),
         processor(audio=speech["tea"], text=custom, sampling_rate=16000, return_tensors="pt"),

@@ -95,7 +95,8 @@ def test_chat_template_multi_turn_with_audio_turns(processor, speech, tmp_path):
         "<|start_header_id|>user<|end_header_id|>\n\n<speech>\nAnswer this one too.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids == original_tokenization(processor.tokenizer, text, processor.speech_token_id)
     assert inputs["input_features"].shape == (2, 128, 3000)
@@ -105,10 +106,11 @@ def test_chat_template_multi_turn_with_audio_turns(processor, speech, tmp_path):
 
 
 def test_batch_of_audios_pads_on_the_left(processor, speech):
-    short_prompt = processor.apply_chat_template(SINGLE_AUDIO_TURN)
+    short_prompt = processor.apply_chat_template(SINGLE_AUDIO_TURN, add_generation_prompt=True)
     long_prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Please answer in detail, "
-                                                          "with an example and a short summary at the end."}]}]
+                                                          "with an example and a short summary at the end."}]}],
+        add_generation_prompt=True,
     )
     audios = [speech["tea"], speech["france"]]  # different lengths
     batch = processor(audio=audios, text=[short_prompt, long_prompt], sampling_rate=SR, return_tensors="pt")
@@ -245,9 +247,10 @@ def test_a_caller_chat_template_replaces_the_default(processor):
     template = "<|begin_of_text|>{% for message in messages %}[{{ message['role'] }}] <speech>{% endfor %}"
     text = processor.apply_chat_template(GOOD_TURN, chat_template=template)
     assert text == "<|begin_of_text|>[user] <speech>"
-    inputs = processor.apply_chat_template(GOOD_TURN, chat_template=template, tokenize=True)
+    inputs = processor.apply_chat_template(GOOD_TURN, chat_template=template, tokenize=True, return_dict=True)
     assert inputs["input_ids"] == [original_tokenization(processor.tokenizer, text, processor.speech_token_id)]
-    assert processor.apply_chat_template(GOOD_TURN) == SPEC_PROMPT  # the processor's own template is unchanged
+    # the processor's own template is unchanged
+    assert processor.apply_chat_template(GOOD_TURN, add_generation_prompt=True) == SPEC_PROMPT
 
 
 def test_a_batch_of_conversations_is_tokenized_together_with_left_padding(processor, speech):
@@ -260,9 +263,11 @@ def test_a_batch_of_conversations_is_tokenized_together_with_left_padding(proces
          {"role": "assistant", "content": "Sure."},
          {"role": "user", "content": [{"type": "audio", "audio": france, "sampling_rate": SR}]}],
     ]
-    texts = processor.apply_chat_template(conversations)
-    assert texts == [processor.apply_chat_template(conversation) for conversation in conversations]
-    batch = processor.apply_chat_template(conversations, tokenize=True, return_tensors="pt")
+    texts = processor.apply_chat_template(conversations, add_generation_prompt=True)
+    assert texts == [processor.apply_chat_template(conversation, add_generation_prompt=True)
+                     for conversation in conversations]
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
     rows = [original_tokenization(processor.tokenizer, text, processor.speech_token_id) for text in texts]
     width, pad = max(map(len, rows)), processor.tokenizer.pad_token_id
     assert len(rows[0]) < width
@@ -282,11 +287,11 @@ def test_outputs_are_lists_unless_return_tensors_is_given(processor):
     assert not isinstance(lists["input_features"], torch.Tensor)  # the feature extractor's numpy output
     np.testing.assert_array_equal(np.asarray(lists["input_features"]), tensors["input_features"].numpy())
     assert isinstance(processor(audio=GOOD, sampling_rate=SR, return_tensors="np")["input_ids"], np.ndarray)
-    # apply_chat_template(tokenize=True) alike; return_dict=False gives only the ids
-    assert processor.apply_chat_template(GOOD_TURN, tokenize=True)["input_ids"] == lists["input_ids"]
-    assert processor.apply_chat_template(GOOD_TURN, tokenize=True, return_dict=False) == lists["input_ids"]
-    ids = processor.apply_chat_template(GOOD_TURN, tokenize=True, return_dict=False, return_tensors="pt")
-    assert torch.equal(ids, tensors["input_ids"])
+    # apply_chat_template(tokenize=True) alike: the ids (transformers' default return_dict=False), or all outputs
+    chat = dict(add_generation_prompt=True, tokenize=True)
+    assert processor.apply_chat_template(GOOD_TURN, return_dict=True, **chat)["input_ids"] == lists["input_ids"]
+    assert processor.apply_chat_template(GOOD_TURN, **chat) == lists["input_ids"]
+    assert torch.equal(processor.apply_chat_template(GOOD_TURN, return_tensors="pt", **chat), tensors["input_ids"])
 
 
 def test_padding_options_are_honoured(processor):
@@ -305,8 +310,9 @@ def test_padding_options_are_honoured(processor):
     assert ragged == [processor(audio=GOOD, text=text, sampling_rate=SR)["input_ids"][0] for text in texts]
     assert len(ragged[0]) < len(ragged[1])
     # and through apply_chat_template
-    via_chat = processor.apply_chat_template(GOOD_TURN, tokenize=True, padding="max_length", max_length=n + 7)
-    assert via_chat["input_ids"] == padded["input_ids"]
+    via_chat = processor.apply_chat_template(GOOD_TURN, add_generation_prompt=True, tokenize=True,
+                                             padding="max_length", max_length=n + 7)
+    assert via_chat == padded["input_ids"]
 
 
 def test_truncation_never_cuts_a_prompt_and_says_why(processor):
@@ -315,7 +321,8 @@ def test_truncation_never_cuts_a_prompt_and_says_why(processor):
     with pytest.raises(ValueError, match=message):
         processor(audio=GOOD, sampling_rate=SR, truncation=True, max_length=n - 1)
     with pytest.raises(ValueError, match=message):
-        processor.apply_chat_template(GOOD_TURN, tokenize=True, truncation="longest_first", max_length=n - 1)
+        processor.apply_chat_template(GOOD_TURN, add_generation_prompt=True, tokenize=True,
+                                      truncation="longest_first", max_length=n - 1)
     fits = processor(audio=GOOD, sampling_rate=SR, truncation=True, max_length=n)
     assert fits["input_ids"] == processor(audio=GOOD, sampling_rate=SR)["input_ids"]
     # without max_length the limit is the tokenizer's model_max_length (2048 in the tiny checkpoint)
@@ -336,3 +343,107 @@ def test_speech_token_is_one_added_token_of_the_saved_tokenizer(processor, tiny_
     assert speech_id == processor.speech_token_id == len(tokenizer) - 1
     assert tokenizer("a <speech> b", add_special_tokens=False)["input_ids"].count(speech_id) == 1
     assert processor(audio=GOOD, sampling_rate=SR)["input_ids"][0].count(speech_id) == 300
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' ProcessorMixin.apply_chat_template: names, defaults, processor_kwargs, masks, message objects
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_audio_token_is_transformers_name_for_the_speech_placeholder(processor):
+    assert processor.audio_token == "<speech>"
+    ids = processor.tokenizer("<speech>", add_special_tokens=False)["input_ids"]  # the tokenizer on its own
+    assert ids == [processor.audio_token_id] and processor.audio_token_id == processor.speech_token_id
+
+
+def test_chat_template_defaults_are_transformers(processor):
+    header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    # no generation prompt unless asked for
+    assert processor.apply_chat_template(GOOD_TURN) == SPEC_PROMPT.removesuffix(header)
+    # tokenize=True returns the input_ids only (return_dict=False), as the tokenizer would tokenize the text
+    ids = processor.apply_chat_template(GOOD_TURN, tokenize=True)
+    text = SPEC_PROMPT.removesuffix(header)
+    assert ids == [original_tokenization(processor.tokenizer, text, processor.audio_token_id)]
+    full = processor.apply_chat_template(GOOD_TURN, tokenize=True, return_dict=True, return_tensors="pt")
+    assert set(full) == {"input_ids", "attention_mask", "input_features"} and full["input_ids"].tolist() == ids
+
+
+def test_processor_kwargs_reach_call(processor):
+    chat = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    n = len(processor(audio=GOOD, sampling_rate=SR)["input_ids"][0])
+    expected = processor(audio=GOOD, sampling_rate=SR, padding="max_length", max_length=n + 5, padding_side="right")
+    got = processor.apply_chat_template(
+        GOOD_TURN, processor_kwargs={"padding": "max_length", "max_length": n + 5, "padding_side": "right"}, **chat
+    )
+    assert got["input_ids"] == expected["input_ids"] and got["attention_mask"] == expected["attention_mask"]
+    # the rate of audio items without their own, through processor_kwargs too
+    no_rate = [{"role": "user", "content": [{"type": "audio", "audio": GOOD}]}]
+    with_rate = processor.apply_chat_template(no_rate, processor_kwargs={"sampling_rate": SR}, **chat)
+    assert with_rate["input_ids"] == processor.apply_chat_template(GOOD_TURN, **chat)["input_ids"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_frames'"):  # not silently dropped
+        processor.apply_chat_template(GOOD_TURN, processor_kwargs={"num_frames": 2}, **chat)
+
+
+MASK_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|eot_id|>{% endgeneration %}"
+    "{% else %}{% for item in message['content'] %}{{ '<speech>' if item['type'] == 'audio' else item['text'] }}"
+    "{% endfor %}<|eot_id|>{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_assistant_tokens_mask_covers_the_answers_only(processor, padding_side):
+    ask = {"role": "user", "content": [{"type": "audio", "audio": GOOD, "sampling_rate": SR}]}
+    conversations = [
+        [ask, {"role": "assistant", "content": "Paris."}],
+        [ask, {"role": "assistant", "content": "It is Paris."},
+         ask, {"role": "assistant", "content": "Rome, I think."}],
+    ]
+    inputs = processor.apply_chat_template(
+        conversations, chat_template=MASK_TEMPLATE, tokenize=True, return_dict=True, return_tensors="pt",
+        return_assistant_tokens_mask=True, processor_kwargs={"padding_side": padding_side},
+    )
+    masks, ids = inputs["assistant_masks"], inputs["input_ids"]
+    assert masks.shape == ids.shape and masks.dtype == torch.int64
+    encode = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answers = [["Paris."], ["It is Paris.", "Rome, I think."]]
+    for row, mask, attention, texts in zip(ids, masks, inputs["attention_mask"], answers):
+        assert row[mask.bool()].tolist() == [t for text in texts for t in encode(text + "<|eot_id|>")]
+        assert not mask[row == processor.audio_token_id].any()  # the speech positions are the user's
+        assert not mask[attention == 0].any()  # nor is the padding
+    assert inputs["attention_mask"][0, 0 if padding_side == "left" else -1] == 0  # the first row is padded
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask=True needs tokenize=True and return_dict=True"):
+        processor.apply_chat_template(conversations, tokenize=True, return_assistant_tokens_mask=True)
+
+
+def test_message_objects_are_taken_as_dicts(processor):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: list
+        tool_calls: list | None = None  # None fields are dropped, as transformers does
+
+    objects = [Message("user", [{"type": "audio", "audio": GOOD, "sampling_rate": SR}])]
+    chat = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert processor.apply_chat_template(objects, add_generation_prompt=True) == SPEC_PROMPT
+    assert processor.apply_chat_template(objects, **chat)["input_ids"] == processor.apply_chat_template(
+        GOOD_TURN, **chat)["input_ids"]
+
+
+def test_audio_url_items_are_local_files_only(processor, tmp_path):
+    sf.write(tmp_path / "q.wav", GOOD, SR)
+    chat = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    by_path = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "audio", "path": str(tmp_path / "q.wav")}]}], **chat)
+    for url in (str(tmp_path / "q.wav"), (tmp_path / "q.wav").as_uri()):
+        by_url = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio", "url": url}]}], **chat)
+        np.testing.assert_array_equal(np.asarray(by_url["input_features"]), np.asarray(by_path["input_features"]))
+    remote = [{"role": "user", "content": [{"type": "audio", "url": "https://example.com/q.wav"}]}]
+    with pytest.raises(ValueError, match="the audio URL 'https://example.com/q.wav' is not downloaded by the proc"):
+        processor.apply_chat_template(remote, **chat)
+    image = [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "What?"}]}]
+    with pytest.raises(ValueError, match="'image' items are not supported: LLaMA-Omni takes audio and text items only"):
+        processor.apply_chat_template(image, **chat)
