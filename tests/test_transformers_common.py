@@ -121,6 +121,7 @@ SKIPPED = {
     "test_group_beam_search": BEAM_SEARCH,
     "test_constrained_beam_search": BEAM_SEARCH,
     "test_model_parallel_beam_search": BEAM_SEARCH,
+    "test_generate_from_inputs_embeds_1_beam_search": BEAM_SEARCH,
     "test_assisted_decoding": CANDIDATES,
     "test_prompt_lookup_decoding": CANDIDATES,
     "test_correct_missing_keys": (
