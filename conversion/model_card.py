@@ -29,6 +29,12 @@ def _count(n: int) -> str:
 
 def render_model_card(model_id: str, config, summary: dict) -> str:
     """summary: facts of this conversion (source files, dtype, parameter count, whisper source, notes)."""
+    # Imported here, not at the top: push_to_hub.py imports this module for its constants only and should not
+    # load torch and transformers for them.
+    from transformers import __version__ as converted_with
+
+    from llama_omni_hf.transformers_compat import MIN_TRANSFORMERS_VERSION
+
     text = config.text_config
     vocoder = "included (speech out)" if config.vocoder_config is not None else "not included (text + units)"
     sources = "\n".join(f"- {name}: `{value}`" for name, value in summary["sources"].items())
@@ -70,6 +76,13 @@ Weights: `{summary["dtype"]}`, {_count(summary["parameters"])} parameters.
 {LICENCE_NOTICE}
 
 ## Usage
+
+Needs `transformers>={MIN_TRANSFORMERS_VERSION}` (any newer release; this repository was converted with
+{converted_with}) and `trust_remote_code=True`:
+
+```bash
+pip install "transformers>={MIN_TRANSFORMERS_VERSION}" accelerate soundfile torch
+```
 
 ```python
 import soundfile as sf

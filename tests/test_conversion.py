@@ -31,6 +31,7 @@ from conversion.key_map import whisper_name  # noqa: E402
 from conversion.original_formats import ConversionError, parse_ctc_decoder_config  # noqa: E402
 from conversion.writing import PlannedTensor, StreamingShardWriter, plan_shards  # noqa: E402
 from conversion_fixtures import write_fake_original  # noqa: E402
+from llama_omni_hf.transformers_compat import MIN_TRANSFORMERS_VERSION  # noqa: E402
 
 SYSTEM = ("You are a helpful language and speech assistant. You are able to understand the speech content that "
           "the user provides, and assist the user with a variety of tasks using natural language.")
@@ -255,7 +256,7 @@ def test_output_repo_is_complete_and_safetensors_only(converted):
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json", "README.md",
             "configuration_llama_omni.py", "modeling_llama_omni.py", "processing_llama_omni.py",
-            "vocoder_llama_omni.py", "model.safetensors"} <= names
+            "vocoder_llama_omni.py", "transformers_compat.py", "model.safetensors"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llama_omni" and config["auto_map"]["AutoModel"].startswith("modeling_llama_omni.")
@@ -265,7 +266,7 @@ def test_output_repo_is_complete_and_safetensors_only(converted):
     card = (converted / "README.md").read_text()
     for needle in ("AutoModel.from_pretrained", "AutoProcessor.from_pretrained", "generate_stream",
                    "may NOT be used for commercial purposes", "@article{fang-etal-2024-llama-omni",
-                   "trust_remote_code=True", "license: other"):
+                   "trust_remote_code=True", "license: other", f'"transformers>={MIN_TRANSFORMERS_VERSION}"'):
         assert needle in card, needle
     assert not list(converted.parent.glob(".*partial*"))
 
