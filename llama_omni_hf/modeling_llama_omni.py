@@ -443,12 +443,11 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         if inputs_embeds is None:
             is_speech = input_ids == self.config.speech_token_id
             # the placeholder id may lie outside the vocabulary: embed a harmless id, then overwrite
-            inputs_embeds = self.model.embed_tokens(input_ids.masked_fill(is_speech, 0))
+            embeds = self.model.embed_tokens(input_ids.masked_fill(is_speech, 0))
         elif input_features is None:
             return inputs_embeds
         else:
-            is_speech = self._placeholders_in_embeds(inputs_embeds)
-        embeds = inputs_embeds
+            embeds, is_speech = inputs_embeds, self._placeholders_in_embeds(inputs_embeds)
         n_placeholders = int(is_speech.sum())
         if input_features is None:
             if n_placeholders:
@@ -637,8 +636,7 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
         eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
         if return_audio and not return_units:
             raise ValueError("return_audio=True needs the units: do not pass return_units=False")
-        if return_units and return_audio and not kwargs.get("return_dict_in_generate",
-                                                            generation_config.return_dict_in_generate):
+        if return_audio and not kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
             raise ValueError("return_audio=True needs return_dict_in_generate=True: a tensor of ids has no room "
                              "for the audio")
         input_ids, input_features, placeholders = self._hide_placeholders(input_ids, input_features, kwargs)

@@ -249,13 +249,7 @@ class LlamaOmniProcessor(ProcessorMixin):
         if n_slots != len(audios):
             raise ValueError(f"the text has {n_slots} {self.speech_token} slots but {len(audios)} audios were given")
         encoded = self.tokenizer(list(text), add_special_tokens=self.double_bos, padding=False)["input_ids"]
-        speech_id = self.speech_token_id
-        rows = []
-        for ids in encoded:
-            row = []
-            for token in ids:  # each slot becomes the fixed number of positions the adaptor yields
-                row.extend([token] * self.speech_tokens_per_audio if token == speech_id else [token])
-            rows.append(row)
+        rows = [self._expand_slots(ids) for ids in encoded]
         truncate = truncation not in (None, False, "do_not_truncate")
         longest, limit = max(map(len, rows), default=0), max_length or self.tokenizer.model_max_length
         if truncate and longest > limit:
@@ -310,6 +304,15 @@ class LlamaOmniProcessor(ProcessorMixin):
             inputs = BatchFeature(data=dict(inputs), tensor_type=options["return_tensors"])
         return inputs if return_dict else inputs["input_ids"]
 
+    def _expand_slots(self, ids: list[int], values: list | None = None) -> list:
+        """Each `<speech>` slot of `ids` becomes the fixed number of positions the adaptor yields. `values`, one
+        per id (default: the ids), are what fills the expanded row."""
+        speech_id, count = self.speech_token_id, self.speech_tokens_per_audio
+        row = []
+        for token, value in zip(ids, ids if values is None else values):
+            row.extend([value] * count if token == speech_id else [value])
+        return row
+
     def _assistant_masks(self, conversations, render, input_ids, padding_side) -> list[list[int]]:
         """The tokenizer's assistant mask of each rendered conversation, laid over the processor's row: the
         double BOS's extra id and padding get 0, each slot's expansion its slot's value."""
@@ -319,11 +322,9 @@ class LlamaOmniProcessor(ProcessorMixin):
             reference = self.tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **render
             )
-            ids = [self.tokenizer.bos_token_id] if self.double_bos else []
-            mask = [0] * len(ids)
-            for token, flag in zip(reference["input_ids"], reference["assistant_masks"]):
-                repeat = self.speech_tokens_per_audio if token == self.speech_token_id else 1
-                ids, mask = ids + [token] * repeat, mask + [flag] * repeat
+            extra_bos = [self.tokenizer.bos_token_id] if self.double_bos else []
+            ids = extra_bos + self._expand_slots(reference["input_ids"])
+            mask = [0] * len(extra_bos) + self._expand_slots(reference["input_ids"], reference["assistant_masks"])
             pad = len(row) - len(ids)
             if pad < 0 or (row[pad:] if side == "left" else row[: len(ids)]) != ids:
                 raise ValueError("the tokenizer's chat template tokenization differs from the processor's")
