@@ -64,6 +64,17 @@ def tiny_config_dict(tokenizer, vocoder: bool = True) -> dict:
     return config
 
 
+def tiny_token2wav_config_dict() -> dict:
+    """LLaMA-Omni2's CosyVoice2 token-to-wave at test size: every structural feature of the release kept
+    (6561 tokens, 80 mels, x2 upsampling, 3-token look-ahead, 50-token / 100-frame chunks, 10 Euler steps with
+    CFG, HiFT's 8-5-3 upsampling and 16/4 iSTFT at 24 kHz), only widths and depths shrunk."""
+    return dict(
+        input_size=64, encoder_attention_heads=2, encoder_linear_units=64, encoder_num_blocks=2,
+        encoder_num_up_blocks=2, estimator_channels=32, estimator_attention_head_dim=16, estimator_num_heads=2,
+        estimator_n_blocks=1, estimator_num_mid_blocks=2, hift_base_channels=32, f0_predictor_channels=16,
+    )
+
+
 def write_remote_code(directory: Path) -> None:
     """Copy the remote-code files next to config.json and point every Auto class at them."""
     for name in REMOTE_CODE_FILES:
