@@ -699,11 +699,12 @@ class LlamaOmni2Token2Wav(LlamaOmni2Token2WavPreTrainedModel):
 
     def __init__(self, config: LlamaOmni2Token2WavConfig):
         super().__init__(config)
-        self.flow = LlamaOmni2Flow(config)
-        self.hift = LlamaOmni2HiFT(config)
+        # fp32 even when built under another default dtype (`_from_config(dtype=torch.float16)`)
+        self.flow = LlamaOmni2Flow(config).float()
+        self.hift = LlamaOmni2HiFT(config).float()
         self.speakers = nn.Module()
         for name in config.speakers:
-            self.speakers.register_buffer(name, torch.zeros(config.spk_embed_dim))
+            self.speakers.register_buffer(name, torch.zeros(config.spk_embed_dim, dtype=torch.float32))
         self.post_init()
 
     @property
