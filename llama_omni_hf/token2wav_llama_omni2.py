@@ -51,8 +51,10 @@ class _Memory:
     """What the complete chunks of a stream leave for later calls, for one level of the flow (tokens, encoder
     frames, or one Euler step of the estimator): attention keys/values and causal-convolution left context.
 
-    `commit` is how many leading positions of the current call's segment are final (complete chunks); each
-    module reads its past from here and stores its committed part back, so the next call starts after them.
+    `past` positions are final; `commit` is how many leading positions of the current call's segment become final
+    (complete chunks). Keys/values live in one growing buffer per attention ([2, B, H, capacity, d]): the segment
+    is written after the `past` positions and the next call overwrites what was not committed, so a call copies
+    only its own positions, never the cache (which reaches gigabytes on long answers).
     """
 
     def __init__(self):
@@ -67,18 +69,25 @@ class _Memory:
             past = x.new_zeros(x.shape[0], x.shape[1], size)
         full = torch.cat([past, x], dim=-1)
         if self.commit:
-            self.store[key] = full[..., self.commit : self.commit + size]
+            self.store[key] = full[..., self.commit : self.commit + size].clone()
         return full
 
     def keys_values(self, key: str, k: torch.Tensor, v: torch.Tensor):
-        """k, v [B, H, T, d] of the segment -> keys/values of every position so far (past + segment)."""
-        past = self.store.get(key)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        if self.commit:
-            end = self.past + self.commit
-            self.store[key] = (k[:, :, :end], v[:, :, :end])
-        return k, v
+        """k, v [B, H, T, d] of the segment -> keys/values of every position so far (past + segment), as views."""
+        end = self.past + k.shape[2]
+        buffer = self.store.get(key)
+        if buffer is None or buffer.shape[3] < end:
+            grown = k.new_empty(2, *k.shape[:2], max(end, int(1.25 * (0 if buffer is None else buffer.shape[3])) + 256),
+                                k.shape[3])
+            if buffer is not None:
+                grown[:, :, :, : self.past] = buffer[:, :, :, : self.past]
+            self.store[key] = buffer = grown
+        buffer[0, :, :, self.past : end] = k
+        buffer[1, :, :, self.past : end] = v
+        return buffer[0, :, :, :end], buffer[1, :, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
 
 
 def _chunk_mask(start: int, length: int, chunk: int, device) -> torch.Tensor:
@@ -382,6 +391,11 @@ class _FlowMemory:
     token_level: _Memory = field(default_factory=_Memory)
     frame_level: _Memory = field(default_factory=_Memory)
     steps: list = field(default_factory=list)  # one _Memory per Euler step
+
+    def nbytes(self) -> int:
+        """Bytes held (about 240 MB per second of audio at the released size: the estimator's keys and values for
+        56 attention blocks x 10 Euler steps x 2 guidance rows)."""
+        return sum(level.nbytes() for level in (self.token_level, self.frame_level, *self.steps))
 
 
 class LlamaOmni2Flow(nn.Module):
