@@ -252,8 +252,10 @@ def test_client_receives_streamed_text_and_audio(client, served):
     answers = [last_answer(u) for u in updates]
     assert len({a.split("\n\n*Latency")[0] for a in answers if a and a != "…"}) >= 3  # text in several updates
     chat = final[0]
-    assert [m["role"] for m in chat] == ["user", "assistant"]
-    assert chat[0]["content"][0]["type"] == "file" and chat[0]["content"][0]["file"]["path"].endswith(".wav")
+    # a retried question (ask_for_a_full_answer) is a second turn of the same conversation: check the last one
+    roles = [m["role"] for m in chat]
+    assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+    assert chat[-2]["content"][0]["type"] == "file" and chat[-2]["content"][0]["file"]["path"].endswith(".wav")
     meta = last_answer(final)
     first_text, first_audio = seconds(meta, "first text"), seconds(meta, "first audio")
     speech = float(re.search(r"and ([0-9.]+) s of speech", meta).group(1))
