@@ -125,7 +125,8 @@ class LlamaOmni2EncoderEmbed(nn.Module):
     def __init__(self, config: LlamaOmni2Token2WavConfig):
         super().__init__()
         d = config.input_size
-        self.out = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=config.encoder_embed_layer_norm_eps), nn.Dropout(0.1))
+        norm = nn.LayerNorm(d, eps=config.encoder_embed_layer_norm_eps)
+        self.out = nn.Sequential(nn.Linear(d, d), norm, nn.Dropout(0.1))
         self.xscale = math.sqrt(d)
 
     def forward(self, x):
