@@ -119,6 +119,25 @@ def _relative_positions(d_model: int, r: torch.Tensor) -> torch.Tensor:
     return pe
 
 
+@dataclass
+class _RelativeGeometry:
+    """What every layer of one encoder stack shares for a segment of `length` positions after `start` cached
+    ones: the hidden keys, the sinusoids of the distances and where each (query, key) pair's distance sits."""
+
+    masked: torch.Tensor  # [length, total] bool, True where the chunk mask hides the key
+    pe: torch.Tensor  # [length + total - 1, d_model]: distances total - 1 down to -(length - 1)
+    index: torch.Tensor  # [length, total]: column of distance i - j (what the original's rel_shift picks)
+
+    @classmethod
+    def build(cls, start: int, length: int, chunk: int, d_model: int, device) -> "_RelativeGeometry":
+        total = start + length
+        distances = torch.arange(total - 1, -length, -1)
+        rows = torch.arange(length, device=device)[:, None]
+        index = (length - 1 - rows) + torch.arange(total, device=device)[None, :]
+        return cls(~_chunk_mask(start, length, chunk, device), _relative_positions(d_model, distances).to(device),
+                   index)
+
+
 class LlamaOmni2EncoderEmbed(nn.Module):
     """LinearNoSubsampling + EspnetRelPositionalEncoding: Linear -> LayerNorm -> (dropout) -> x * sqrt(d)."""
 
@@ -145,25 +164,19 @@ class LlamaOmni2RelPositionAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
 
-    def forward(self, x, chunk: int, memory=None, key: str = ""):
+    def forward(self, x, geometry: _RelativeGeometry, memory=None, key: str = ""):
         batch, length, _ = x.shape
         q = self.linear_q(x).view(batch, length, self.h, self.d_k)  # [B, T, H, d_k]
         k = self.linear_k(x).view(batch, length, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(batch, length, self.h, self.d_k).transpose(1, 2)
-        start = memory.past if memory is not None else 0
         if memory is not None:
             k, v = memory.keys_values(key, k, v)
-        total = start + length
-        # distances from total - 1 down to -(length - 1); the original's rel_shift picks d = i - j from them
-        distances = torch.arange(total - 1, -length, -1, device=x.device)
-        p = self.linear_pos(_relative_positions(x.shape[-1], distances).to(x)).view(-1, self.h, self.d_k)
+        p = self.linear_pos(geometry.pe.to(x)).view(-1, self.h, self.d_k)
         matrix_ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # [B, H, T, total]
         matrix_bd = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.permute(1, 2, 0))  # [B, H, T, R]
-        rows = torch.arange(length, device=x.device)[:, None]
-        index = (length - 1 - rows) + torch.arange(total, device=x.device)[None, :]  # i - j -> column
-        matrix_bd = torch.gather(matrix_bd, -1, index.expand(batch, self.h, length, total))
+        matrix_bd = torch.gather(matrix_bd, -1, geometry.index.expand(batch, self.h, *geometry.index.shape))
         scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)
-        masked = ~_chunk_mask(start, length, chunk, x.device)
+        masked = geometry.masked
         attn = torch.softmax(scores.masked_fill(masked, -float("inf")), dim=-1).masked_fill(masked, 0.0)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, length, self.h * self.d_k)
         return self.linear_out(out)
@@ -189,8 +202,8 @@ class LlamaOmni2ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(config.input_size, eps=config.encoder_layer_norm_eps)
         self.norm_mha = nn.LayerNorm(config.input_size, eps=config.encoder_layer_norm_eps)
 
-    def forward(self, x, chunk: int, memory=None, key: str = ""):
-        x = x + self.self_attn(self.norm_mha(x), chunk, memory, key)
+    def forward(self, x, geometry: _RelativeGeometry, memory=None, key: str = ""):
+        x = x + self.self_attn(self.norm_mha(x), geometry, memory, key)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -230,15 +243,22 @@ class LlamaOmni2UpsampleEncoder(nn.Module):
 
     def forward(self, x, token_memory=None, frame_memory=None):
         x = self.pre_lookahead_layer(self.embed(x), token_memory)
+        geometry = self._geometry(x, self.chunk, token_memory)
         for i, layer in enumerate(self.encoders):
-            x = layer(x, self.chunk, token_memory, f"encoders.{i}")
+            x = layer(x, geometry, token_memory, f"encoders.{i}")
         # Upsample1D: nearest x2, then a causal conv over 2 * stride frames of left context
         up = F.interpolate(x.transpose(1, 2), scale_factor=float(self.stride), mode="nearest")
         x = _causal_conv(self.up_layer.conv, up, frame_memory, "up_layer.conv").transpose(1, 2)
         x = self.up_embed(x)
+        geometry = self._geometry(x, self.chunk * self.stride, frame_memory)
         for i, layer in enumerate(self.up_encoders):
-            x = layer(x, self.chunk * self.stride, frame_memory, f"up_encoders.{i}")
+            x = layer(x, geometry, frame_memory, f"up_encoders.{i}")
         return self.after_norm(x)
+
+    @staticmethod
+    def _geometry(x, chunk: int, memory) -> _RelativeGeometry:
+        start = memory.past if memory is not None else 0
+        return _RelativeGeometry.build(start, x.shape[1], chunk, x.shape[-1], x.device)
 
 
 # ----------------------------------------------------------------------------------------------- estimator
@@ -283,17 +303,16 @@ class LlamaOmni2EstimatorAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x, chunk: int, memory=None, key: str = ""):
+    def forward(self, x, mask: torch.Tensor, memory=None, key: str = ""):
+        """x [B, T, C]; mask [T, past + T] bool, True where a key is visible."""
         batch, length, _ = x.shape
 
         def heads(t):
             return t.view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
-        start = memory.past if memory is not None else 0
         if memory is not None:
             k, v = memory.keys_values(key, k, v)
-        mask = _chunk_mask(start, length, chunk, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
@@ -313,8 +332,8 @@ class LlamaOmni2TransformerBlock(nn.Module):
         gelu.proj = nn.Linear(dim, inner)
         self.ff.net = nn.ModuleList([gelu, nn.Dropout(0.0), nn.Linear(inner, dim)])
 
-    def forward(self, x, chunk: int, memory=None, key: str = ""):
-        x = self.attn1(self.norm1(x), chunk, memory, key) + x
+    def forward(self, x, mask: torch.Tensor, memory=None, key: str = ""):
+        x = self.attn1(self.norm1(x), mask, memory, key) + x
         h = F.gelu(self.ff.net[0].proj(self.norm3(x)))  # diffusers GELU: exact erf form
         return self.ff.net[2](h) + x
 
@@ -358,25 +377,28 @@ class LlamaOmni2FlowEstimator(nn.Module):
         self.final_block = LlamaOmni2CausalBlock(c, c)
         self.final_proj = nn.Conv1d(c, config.num_mels, 1)
 
-    def _attend(self, x, blocks, memory, key):
+    @staticmethod
+    def _attend(x, blocks, mask, memory, key):
         x = x.transpose(1, 2)
         for k, block in enumerate(blocks):
-            x = block(x, self.chunk, memory, f"{key}.1.{k}")
+            x = block(x, mask, memory, f"{key}.1.{k}")
         return x.transpose(1, 2)
 
     def forward(self, x, mu, t, spks, cond, memory=None):
         """x, mu, cond [B, 80, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]. Masks are all ones (batch of one)."""
         t = self.time_mlp.linear_2(F.silu(self.time_mlp.linear_1(_timestep_embedding(t, self.in_channels).to(t.dtype))))
         x = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
+        # one chunk mask for all 56 blocks: the U-Net keeps the length
+        mask = _chunk_mask(memory.past if memory is not None else 0, x.shape[-1], self.chunk, x.device)
         resnet, blocks, conv = self.down_blocks[0]
-        x = self._attend(resnet(x, t, memory, "down_blocks.0.0"), blocks, memory, "down_blocks.0")
+        x = self._attend(resnet(x, t, memory, "down_blocks.0.0"), blocks, mask, memory, "down_blocks.0")
         skip = x
         x = _causal_conv(conv, x, memory, "down_blocks.0.2")
         for m, (resnet, blocks) in enumerate(self.mid_blocks):
-            x = self._attend(resnet(x, t, memory, f"mid_blocks.{m}.0"), blocks, memory, f"mid_blocks.{m}")
+            x = self._attend(resnet(x, t, memory, f"mid_blocks.{m}.0"), blocks, mask, memory, f"mid_blocks.{m}")
         resnet, blocks, conv = self.up_blocks[0]
         x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
-        x = self._attend(resnet(x, t, memory, "up_blocks.0.0"), blocks, memory, "up_blocks.0")
+        x = self._attend(resnet(x, t, memory, "up_blocks.0.0"), blocks, mask, memory, "up_blocks.0")
         x = _causal_conv(conv, x, memory, "up_blocks.0.2")
         return self.final_proj(self.final_block(x, memory, "final_block"))
 

@@ -19,6 +19,7 @@ from llama_omni_hf.token2wav_llama_omni2 import (
     LlamaOmni2Snake,
     LlamaOmni2Token2Wav,
     _chunk_mask,
+    _RelativeGeometry,
     _hann_window,
 )
 
@@ -100,13 +101,14 @@ def test_relative_position_attention_matches_rel_shift(T, chunk):
     torch.nn.init.normal_(module.pos_bias_u)
     torch.nn.init.normal_(module.pos_bias_v)
     x = torch.randn(2, T, module.h * module.d_k)
-    ours = module(x, chunk)
+    geometry = _RelativeGeometry.build(0, T, chunk, x.shape[-1], "cpu")
+    ours = module(x, geometry)
     reference = reference_rel_attention(module, x, reference_chunk_mask(T, chunk))
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
     # negative control: without the relative term the result is different
     with torch.no_grad():
         module.linear_pos.weight.zero_()
-    assert (module(x, chunk) - reference).abs().max() > 1e-3
+    assert (module(x, geometry) - reference).abs().max() > 1e-3
 
 
 def test_snake_formula():
