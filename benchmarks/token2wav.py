@@ -75,7 +75,7 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # run from a plain checkout too
 
-from run_benchmarks import load_average, machine_info, median  # noqa: E402
+from run_benchmarks import load_average, machine_info, median, print_table  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from llama_omni_hf.configuration_llama_omni2 import LlamaOmni2Token2WavConfig  # noqa: E402
@@ -351,15 +351,6 @@ def table_rows(report) -> list[tuple[str, str, str]]:
     rows.append(("incremental vs original stream", _db(report["snr_db"]["incremental_vs_original"]),
                  f"SNR of the concatenated {s['answer_tokens']}-token streams (same chunks expected: > 100 dB)"))
     return rows
-
-
-def print_table(rows):
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-    print(line)
 
 
 def markdown(report, rows) -> str:
