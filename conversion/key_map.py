@@ -79,20 +79,30 @@ class KeyPlan:
     problems: list[str] = field(default_factory=list)  # e.g. half a weight-norm pair
 
 
+def apply_rule(table: list[tuple[str, str | None, str]], key: str, plan: KeyPlan) -> tuple[str, str] | None:
+    """(target, transform) of the first rule of `table` matching `key`; a key no rule matches is recorded as
+    unmatched, a dropped one with its reason, and both give None."""
+    for pattern, template, transform in table:
+        match = re.fullmatch(pattern, key)
+        if match is None:
+            continue
+        if template is None:
+            plan.dropped[key] = transform
+            return None
+        return match.expand(template), transform
+    plan.unmatched.append(key)
+    return None
+
+
 def map_keys(source_shapes: dict[str, tuple[int, ...]]) -> KeyPlan:
     """Apply KEY_TABLE to every prefixed source key (shapes only: nothing is read here)."""
     plan = KeyPlan()
     folds: dict[str, dict[str, str]] = {}
     for key, shape in source_shapes.items():
-        rule = next(((p, t, x) for p, t, x in KEY_TABLE if re.fullmatch(p, key)), None)
+        rule = apply_rule(KEY_TABLE, key, plan)
         if rule is None:
-            plan.unmatched.append(key)
             continue
-        pattern, template, transform = rule
-        if template is None:
-            plan.dropped[key] = transform
-            continue
-        target = re.fullmatch(pattern, key).expand(template)
+        target, transform = rule
         if transform == "whisper_names":
             prefix, name = target.split(".", 1)
             renamed = whisper_name(name)

@@ -20,12 +20,11 @@ Not in either file, added by the converter: `flow.noise` (the CFM's fixed initia
 
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
-from conversion.key_map import Entry, KeyPlan
+from conversion.key_map import Entry, KeyPlan, apply_rule
 
 _HIFT = r"hift:(?:generator\.)?"
 DECODER_KEY_TABLE: list[tuple[str, str | None, str]] = [
@@ -48,15 +47,10 @@ def map_decoder_keys(source_shapes: dict[str, tuple[int, ...]]) -> KeyPlan:
     plan = KeyPlan()
     halves: dict[str, dict[str, str]] = {}
     for key in source_shapes:
-        rule = next(((p, t, x) for p, t, x in DECODER_KEY_TABLE if re.fullmatch(p, key)), None)
+        rule = apply_rule(DECODER_KEY_TABLE, key, plan)
         if rule is None:
-            plan.unmatched.append(key)
             continue
-        pattern, template, transform = rule
-        if template is None:
-            plan.dropped[key] = transform
-            continue
-        target = re.fullmatch(pattern, key).expand(template)
+        target, transform = rule
         if transform.startswith("weight_norm_"):
             pair = halves.setdefault(target, {})
             half = transform[-1]  # "g" or "v"
