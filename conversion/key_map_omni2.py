@@ -20,7 +20,6 @@ Not in either file, added by the converter: `flow.noise` (the CFM's fixed initia
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
