@@ -1,14 +1,29 @@
 """Configuration of LLaMA-Omni2 (arXiv 2505.02625) for transformers remote code.
 
-Defaults are the released numbers (spec `llama-omni2.md` section 1.5 for the decoder), so
-`LlamaOmni2Token2WavConfig()` describes the real ICTNLP/cosy2_decoder; tiny test models override sizes only.
+Defaults are the released numbers (spec `llama-omni2.md` sections 1.2 and 1.5), so `LlamaOmni2Config()`
+describes ICTNLP/LLaMA-Omni2-0.5B and `LlamaOmni2Token2WavConfig()` the real ICTNLP/cosy2_decoder; tiny test
+models override sizes only.
 """
 
 from .transformers_compat import MIN_TRANSFORMERS_VERSION  # noqa: F401  (first: checks the installed release)
 
-from transformers import PreTrainedConfig  # noqa: E402
+from transformers import PreTrainedConfig, Qwen2Config, WhisperConfig  # noqa: E402
 
-from .configuration_llama_omni import _check_positive_ints  # noqa: E402
+from .configuration_llama_omni import WHISPER_LARGE_V3_ENCODER, _check_positive_ints, _sub_config  # noqa: E402
+
+# Qwen2.5-0.5B-Instruct, the LLM of LLaMA-Omni2-0.5B (spec 1.2; larger sizes come from their config.json).
+QWEN2_5_0_5B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=32768, max_window_layers=21, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, sliding_window=None, use_sliding_window=False, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, hidden_act="silu", attention_dropout=0.0,
+)
+# The TTS language model: the Qwen2.5-0.5B shape at every size, with 6561 unit tokens and <sep> after the text
+# vocabulary (spec 1.2 `speech_generator`). Its head is a weight of its own here (quirk Q1: the original loads it
+# untied), so `tie_word_embeddings` is False.
+QWEN2_5_0_5B_TTS = dict(
+    QWEN2_5_0_5B, vocab_size=158227, max_window_layers=24, eos_token_id=151643, tie_word_embeddings=False,
+)
 
 
 class LlamaOmni2Token2WavConfig(PreTrainedConfig):
@@ -197,4 +212,160 @@ class LlamaOmni2Token2WavConfig(PreTrainedConfig):
             raise ValueError(f"`default_speaker` {self.default_speaker!r} is not one of `speakers` {self.speakers}")
 
 
-__all__ = ["LlamaOmni2Token2WavConfig"]
+class LlamaOmni2Config(PreTrainedConfig):
+    r"""Configuration of [`LlamaOmni2ForConditionalGeneration`] (spec section 6).
+
+    Args:
+        speech_encoder_config (`WhisperConfig` or dict): the Whisper encoder (default: large-v3's).
+        text_config (`Qwen2Config` or dict): the LLM (default: Qwen2.5-0.5B-Instruct).
+        tts_config (`Qwen2Config` or dict): the TTS language model over text + unit tokens (the original's
+            `speech_generator`).
+        token2wav_config (`LlamaOmni2Token2WavConfig`, dict or None): the CosyVoice2 decoder; None for a
+            text + units repo.
+        speech_adaptor_downsample_rate, speech_adaptor_hidden_size (int): the adaptor (5 frames concatenated,
+            FFN of 2048), as in LLaMA-Omni.
+        speech_token_id (int): the `<speech>` placeholder (151665, inside the LLM's padded vocabulary).
+        max_prompt_length (int): the spliced prompt is cut to its LAST `max_prompt_length` positions
+            (`tokenizer_model_max_length`, quirk Q9).
+        tts_read, tts_write (int): R and W of the read/write schedule: every R text tokens the TTS reads their
+            fused states and writes up to W speech tokens (`stream_params "(3,10)"`).
+        tts_final_max_new_tokens (int): speech tokens allowed after `<sep>` when the text ends (1024).
+        tts_do_sample, tts_temperature, tts_top_k, tts_top_p: the TTS sampling; the original always samples at
+            T=1, top_p=1 with the implicit top_k=50 of transformers' default GenerationConfig.
+        tts_sep_token_id, tts_eos_token_id (int): `<sep>` (fed once after the last text) and the TTS's EOS.
+        unit_token_offset, unit_vocab_size (int): TTS ids `offset .. offset+6560` are CosyVoice2 units 0..6560.
+        unit_parse ("offset" or "regex"): units are `id - offset` for unit ids (other ids dropped), or, as the
+            original does (quirk Q3), the digits of the TTS tokenizer's decoded text (a sampled text token "97"
+            then becomes unit 97).
+    """
+
+    model_type = "llama_omni2"
+    sub_configs = {
+        "speech_encoder_config": WhisperConfig,
+        "text_config": Qwen2Config,
+        "tts_config": Qwen2Config,
+        "token2wav_config": LlamaOmni2Token2WavConfig,
+    }
+
+    def __init__(
+        self,
+        speech_encoder_config=None,
+        text_config=None,
+        tts_config=None,
+        token2wav_config=None,
+        speech_adaptor_downsample_rate=5,
+        speech_adaptor_hidden_size=2048,
+        speech_token_id=151665,
+        max_prompt_length=4096,
+        tts_read=3,
+        tts_write=10,
+        tts_final_max_new_tokens=1024,
+        tts_do_sample=True,
+        tts_temperature=1.0,
+        tts_top_k=50,
+        tts_top_p=1.0,
+        tts_sep_token_id=151665,
+        tts_eos_token_id=151643,
+        unit_token_offset=151666,
+        unit_vocab_size=6561,
+        unit_parse="offset",
+        **kwargs,
+    ):
+        if kwargs.get("model_type") == "omni2_speech2s_qwen2" or "speech_generator" in kwargs or "stream_params" in kwargs:
+            raise ValueError(
+                "this is the ORIGINAL LLaMA-Omni2 release (model_type 'omni2_speech2s_qwen2'), not a converted repo: "
+                "convert it first with `python -m conversion.convert_llama_omni2 --checkpoint DIR "
+                "--decoder-dir COSY2_DECODER_DIR --output OUT`"
+            )
+        self.speech_encoder_config = _sub_config(WhisperConfig, speech_encoder_config, WHISPER_LARGE_V3_ENCODER)
+        self.text_config = _sub_config(Qwen2Config, text_config, QWEN2_5_0_5B)
+        self.tts_config = _sub_config(Qwen2Config, tts_config, QWEN2_5_0_5B_TTS)
+        self.token2wav_config = (
+            None if token2wav_config is None else _sub_config(LlamaOmni2Token2WavConfig, token2wav_config, {})
+        )
+        self.speech_adaptor_downsample_rate = speech_adaptor_downsample_rate
+        self.speech_adaptor_hidden_size = speech_adaptor_hidden_size
+        self.speech_token_id = speech_token_id
+        self.max_prompt_length = max_prompt_length
+        self.tts_read = tts_read
+        self.tts_write = tts_write
+        self.tts_final_max_new_tokens = tts_final_max_new_tokens
+        self.tts_do_sample = tts_do_sample
+        self.tts_temperature = float(tts_temperature)
+        self.tts_top_k = tts_top_k
+        self.tts_top_p = float(tts_top_p)
+        self.tts_sep_token_id = tts_sep_token_id
+        self.tts_eos_token_id = tts_eos_token_id
+        self.unit_token_offset = unit_token_offset
+        self.unit_vocab_size = unit_vocab_size
+        self.unit_parse = unit_parse
+        kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        super().__init__(**kwargs)
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A saved config must describe its sub-models (the defaults are the 0.5B release, 2 GB in fp32)."""
+        original = config_dict.get("model_type") == "omni2_speech2s_qwen2" or "speech_generator" in config_dict
+        missing = [k for k in ("speech_encoder_config", "text_config", "tts_config")
+                   if not config_dict.get(k) and not kwargs.get(k)]
+        if missing and not original:
+            raise ValueError(
+                f"this LLaMA-Omni2 config lacks {' and '.join(f'`{k}`' for k in missing)}: a converted checkpoint's "
+                "config.json describes every sub-model (convert a release with conversion/convert_llama_omni2.py); "
+                "for the release sizes build LlamaOmni2Config() in code"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    def _validate(self):
+        _check_positive_ints(self, [
+            "speech_adaptor_downsample_rate", "speech_adaptor_hidden_size", "max_prompt_length", "tts_read",
+            "tts_write", "tts_final_max_new_tokens", "unit_vocab_size",
+        ])
+        for name in ("speech_token_id", "tts_sep_token_id", "tts_eos_token_id", "unit_token_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a token id (an integer >= 0), got {value!r}")
+        tts_vocab = self.tts_config.vocab_size
+        if self.unit_token_offset + self.unit_vocab_size > tts_vocab:
+            raise ValueError(
+                f"unit ids {self.unit_token_offset}..{self.unit_token_offset + self.unit_vocab_size - 1} lie beyond "
+                f"the TTS vocabulary of {tts_vocab}"
+            )
+        for name in ("tts_sep_token_id", "tts_eos_token_id"):
+            if getattr(self, name) >= tts_vocab:
+                raise ValueError(f"`{name}` {getattr(self, name)} lies beyond the TTS vocabulary of {tts_vocab}")
+        if self.speech_token_id >= self.text_config.vocab_size:
+            raise ValueError(f"`speech_token_id` {self.speech_token_id} lies beyond the LLM vocabulary of "
+                             f"{self.text_config.vocab_size} (LLaMA-Omni2's <speech> is an in-vocabulary id)")
+        if self.unit_parse not in ("offset", "regex"):
+            raise ValueError(f"`unit_parse` must be 'offset' or 'regex', got {self.unit_parse!r}")
+        if not isinstance(self.tts_do_sample, bool):
+            raise ValueError(f"`tts_do_sample` must be True or False, got {self.tts_do_sample!r}")
+        if isinstance(self.tts_top_k, bool) or not isinstance(self.tts_top_k, int) or self.tts_top_k < 0:
+            raise ValueError(f"`tts_top_k` must be an integer >= 0 (0: no top-k), got {self.tts_top_k!r}")
+        if not self.tts_temperature > 0:
+            raise ValueError(f"`tts_temperature` must be > 0 (use tts_do_sample=False for greedy), got "
+                             f"{self.tts_temperature}")
+        if not 0 < self.tts_top_p <= 1:
+            raise ValueError(f"`tts_top_p` must be in (0, 1], got {self.tts_top_p}")
+        if self.speech_encoder_config.max_source_positions % self.speech_adaptor_downsample_rate:
+            raise ValueError(
+                f"the encoder's {self.speech_encoder_config.max_source_positions} positions are not divisible by "
+                f"`speech_adaptor_downsample_rate` ({self.speech_adaptor_downsample_rate})"
+            )
+        if self.token2wav_config is not None and self.token2wav_config.vocab_size != self.unit_vocab_size:
+            raise ValueError(f"the token-to-wave decoder knows {self.token2wav_config.vocab_size} units but "
+                             f"`unit_vocab_size` is {self.unit_vocab_size}")
+
+    @property
+    def speech_tokens_per_audio(self) -> int:
+        """LLM positions per audio turn: 30 s -> 3000 mel frames -> 1500 encoder frames -> 1500 / 5 = 300."""
+        return self.speech_encoder_config.max_source_positions // self.speech_adaptor_downsample_rate
+
+    @property
+    def read_write(self) -> tuple[int, int]:
+        return self.tts_read, self.tts_write
+
+
+__all__ = ["LlamaOmni2Config", "LlamaOmni2Token2WavConfig"]
