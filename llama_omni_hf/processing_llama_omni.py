@@ -293,7 +293,8 @@ class LlamaOmniProcessor(ProcessorMixin):
         conversations = [_plain(messages) for messages in (conversation if batched else [conversation])]
         render = dict(chat_template=self.chat_template if chat_template is None else chat_template,
                       add_generation_prompt=add_generation_prompt, **kwargs)
-        texts = [self.tokenizer.apply_chat_template(messages, tokenize=False, **render) for messages in conversations]
+        texts = [self.tokenizer.apply_chat_template(self._template_messages(messages), tokenize=False, **render)
+                 for messages in conversations]
         if not tokenize:
             return texts if batched else texts[0]
         audios, rates = self._conversation_audio(conversations, options.pop("sampling_rate", sampling_rate))
@@ -303,6 +304,10 @@ class LlamaOmniProcessor(ProcessorMixin):
                                                               options.get("padding_side"))
             inputs = BatchFeature(data=dict(inputs), tensor_type=options["return_tensors"])
         return inputs if return_dict else inputs["input_ids"]
+
+    def _template_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages as the chat template gets them (here: unchanged, the template reads item lists)."""
+        return messages
 
     def _expand_slots(self, ids: list[int], values: list | None = None) -> list:
         """Each `<speech>` slot of `ids` becomes the fixed number of positions the adaptor yields. `values`, one
@@ -320,7 +325,8 @@ class LlamaOmniProcessor(ProcessorMixin):
         masks = []
         for messages, row in zip(conversations, input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids):
             reference = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **render
+                self._template_messages(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                **render,
             )
             extra_bos = [self.tokenizer.bos_token_id] if self.double_bos else []
             ids = extra_bos + self._expand_slots(reference["input_ids"])

@@ -14,13 +14,28 @@ lays it out like Llama-3:
 Pre-tokenizer, decoder and post-processor are Llama-3's: the split regex below, then byte-level mapping;
 the post-processor adds `<|begin_of_text|>` to every encoded text, which is what gives the original its
 double BOS (spec §2). The `<speech>` token is not added here: the processor adds it.
+
+LLaMA-Omni2 (spec llama-omni2 §1.1) uses Qwen2.5's shape: `build_tiny_qwen2_tokenizer` (the LLM's: Qwen2's
+one-digit number split, NFC, no BOS, the 22 `QWEN2_SPECIAL_TOKENS`, then `<speech>`, and a Qwen2.5-Instruct
+chat template) and `build_tiny_qwen2_tts_tokenizer` (the TTS LM's: the same, then `<sep>` and the speech-unit
+tokens `<0>`, `<1>`, ... as non-special added tokens).
 """
 
 from __future__ import annotations
 
 import json
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 # Llama-3's 256 special tokens, in id order (128000..128255 in the released tokenizer).
@@ -111,9 +126,10 @@ def _byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
-    """Train byte-level BPE on `_CORPUS` and return its first `num_merges` merges, in merge order."""
-    pre = _llama3_pre_tokenizer()
+def _learn_merges(num_merges: int, pre_tokenizer: pre_tokenizers.PreTokenizer | None = None) -> list[tuple[str, str]]:
+    """Train byte-level BPE on `_CORPUS` (split by `pre_tokenizer`, default Llama-3's) and return its first
+    `num_merges` merges, in merge order."""
+    pre = _llama3_pre_tokenizer() if pre_tokenizer is None else pre_tokenizer
     scratch = Tokenizer(models.BPE())
     scratch.pre_tokenizer = pre
     trainer = trainers.BpeTrainer(
@@ -176,6 +192,154 @@ def build_tiny_llama3_tokenizer(num_merges: int = 512) -> PreTrainedTokenizerFas
         bos_token=bos,
         eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2.5 (LLaMA-Omni2's LLM and TTS LM)
+# ----------------------------------------------------------------------------------------------------------
+
+# Qwen2.5's 22 added tokens, in id order (151643..151664 in the released tokenizer). Eight of them are added
+# tokens that are NOT special in the released tokenizer (`QWEN2_NON_SPECIAL_TOKENS`): `skip_special_tokens`
+# keeps them.
+QWEN2_SPECIAL_TOKENS: list[str] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+QWEN2_NON_SPECIAL_TOKENS = frozenset(QWEN2_SPECIAL_TOKENS[14:])
+
+# Qwen2's split: Llama-3's, except that numbers are split one digit at a time.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+QWEN2_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Qwen2.5-Instruct's chat format without tools: a system turn first (the default text when the conversation
+# has none), then `<|im_start|>role\ncontent<|im_end|>\n` per message. Contents are plain strings, as in the
+# stock template (LlamaOmni2Processor turns audio/text item lists into strings). The `generation` block only
+# marks the answers for `return_assistant_tokens_mask`; it renders nothing.
+QWEN2_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\n" + QWEN2_DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.role == 'assistant' %}\n"
+    "        {{- '<|im_start|>assistant\\n' }}\n"
+    "        {%- generation %}\n"
+    "            {{- message.content + '<|im_end|>' }}\n"
+    "        {%- endgeneration %}\n"
+    "        {{- '\\n' }}\n"
+    "    {%- elif message.role == 'user' or (message.role == 'system' and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def _qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+
+
+def _qwen2_base(num_merges: int, extra: list[AddedToken]) -> Tokenizer:
+    """Qwen2-shaped byte-level BPE (`256 + num_merges` regular tokens), then `QWEN2_SPECIAL_TOKENS`, then `extra`."""
+    if not isinstance(num_merges, int) or num_merges < 0:
+        raise ValueError(f"num_merges must be a non-negative int, got {num_merges!r}")
+    merges = _learn_merges(num_merges, _qwen2_pre_tokenizer())
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json
+    tok.pre_tokenizer = _qwen2_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # no BOS: Qwen adds none
+    tok.add_tokens(
+        [AddedToken(t, special=t not in QWEN2_NON_SPECIAL_TOKENS, normalized=False) for t in QWEN2_SPECIAL_TOKENS]
+    )
+    tok.add_tokens(extra)
+    expected = list(range(len(vocab), len(vocab) + len(QWEN2_SPECIAL_TOKENS) + len(extra)))
+    names = QWEN2_SPECIAL_TOKENS + [t.content for t in extra]
+    if [tok.token_to_id(t) for t in names] != expected:  # guards the layout every test checkpoint relies on
+        raise RuntimeError("the Qwen2 added tokens did not get consecutive ids after the regular vocabulary")
+    return tok
+
+
+def build_tiny_qwen2_tokenizer(num_merges: int = 512) -> PreTrainedTokenizerFast:
+    """Build LLaMA-Omni2's LLM tokenizer in Qwen2.5's shape, with `256 + num_merges` regular tokens.
+
+    Then the 22 `QWEN2_SPECIAL_TOKENS` (`<|endoftext|>` = `256 + num_merges`, 768 by default; `<|im_end|>`
+    = 770) and `<speech>` right after them (790 by default, as 151665 in the released one):
+    `len(tokenizer) == 279 + num_merges`. No BOS is added; eos `<|im_end|>`, pad `<|endoftext|>`; the chat
+    template is `QWEN2_CHAT_TEMPLATE` (Qwen2.5-Instruct's format, default system text
+    `QWEN2_DEFAULT_SYSTEM_PROMPT`). Deterministic.
+    """
+    tok = _qwen2_base(num_merges, [AddedToken("<speech>", special=True, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in QWEN2_SPECIAL_TOKENS[1:14]] + ["<speech>"],
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        chat_template=QWEN2_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen2_tts_tokenizer(num_merges: int = 512, unit_vocab_size: int = 6561) -> PreTrainedTokenizerFast:
+    """Build LLaMA-Omni2's TTS tokenizer (`tts_tokenizer/`): `build_tiny_qwen2_tokenizer`'s base and specials,
+    then `<sep>` where the LLM tokenizer has `<speech>` (790 by default, as 151665 in the released one), then
+    `unit_vocab_size` NON-special added tokens `<0>` ... `<unit_vocab_size - 1>`: unit = id - (sep id + 1).
+    eos = pad = `<|endoftext|>`. `decode(ids, skip_special_tokens=True)` keeps the unit tokens' text and drops
+    the specials, so `re.findall(r"\\d+", text)` recovers the units as the original does (spec §2.5).
+    """
+    if not isinstance(unit_vocab_size, int) or unit_vocab_size < 1:
+        raise ValueError(f"unit_vocab_size must be a positive int, got {unit_vocab_size!r}")
+    units = [AddedToken(f"<{i}>", special=False, normalized=False) for i in range(unit_vocab_size)]
+    tok = _qwen2_base(num_merges, [AddedToken("<sep>", special=True, normalized=False), *units])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in QWEN2_SPECIAL_TOKENS[1:14]] + ["<sep>"],
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )
