@@ -64,6 +64,7 @@ class LlamaOmniGenerateOutput(GenerateDecoderOnlyOutput):
 
     units: list[torch.LongTensor] | None = None
     audio: list[torch.FloatTensor] | None = None
+    sampling_rate: int | None = None  # of `audio` (16000 here, 24000 for LLaMA-Omni2)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class LlamaOmniStreamChunk:
 
     text: new text since the previous chunk (whole words; "" while a word is incomplete).
     token_ids: LongTensor [n] new answer token ids. units: LongTensor [n] new collapsed units.
-    audio: FloatTensor [n] new 16 kHz samples (empty until `chunk_size` units are ready).
+    audio: FloatTensor [n] new samples at `sampling_rate` (empty until `chunk_size` units are ready).
+    sampling_rate: the rate of `audio` (16000 for LLaMA-Omni, 24000 for LLaMA-Omni2; None without a vocoder).
     is_final: True on the last chunk, which also carries `sequences` (prompt + answer ids) and all `units`.
     """
 
@@ -80,6 +82,7 @@ class LlamaOmniStreamChunk:
     token_ids: torch.LongTensor | None = None
     units: torch.LongTensor | None = None
     audio: torch.FloatTensor | None = None
+    sampling_rate: int | None = None
     is_final: bool = False
     sequences: torch.LongTensor | None = None
     all_units: torch.LongTensor | None = None
@@ -666,7 +669,8 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
             return_audio = self.vocoder is not None
         if return_audio:
             audio = self.units_to_audio(units)
-        return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio)
+        return LlamaOmniGenerateOutput(**{k: v for k, v in output.items()}, units=units, audio=audio,
+                                       sampling_rate=self.vocoder.config.sampling_rate if return_audio else None)
 
     def _hide_placeholders(self, input_ids, input_features, kwargs):
         """Prefill from embeddings with the audio spliced in, and give transformers the prompt ids with an
@@ -743,11 +747,14 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                 options["lookahead"] = vocoder_lookahead
             vocoder_state = self.vocoder.init_stream(**options)
         thread = threading.Thread(target=run, name="llama-omni-generate", daemon=True)
-        return self._stream_chunks(events, stop, thread, vocoder_state, tokenizer)
+        return self._stream_chunks(events, stop, thread, self.vocoder, vocoder_state, tokenizer)
 
-    def _stream_chunks(self, events, stop, thread, vocoder_state, tokenizer):
+    def _stream_chunks(self, events, stop, thread, decoder, decoder_state, tokenizer):
+        """Chunks from the generation thread's events; `decoder.stream(decoder_state, units, final=)` turns units
+        into audio (LLaMA-Omni's vocoder, LLaMA-Omni2's token-to-wave)."""
         # generation starts at the first next(): an iterator closed before that never ran anything
         text = _IncrementalText(tokenizer) if tokenizer is not None else None
+        rate = decoder.config.sampling_rate if decoder_state is not None else None
         empty_ids = torch.zeros(0, dtype=torch.long)
         thread.start()
         try:
@@ -755,21 +762,22 @@ class LlamaOmniForConditionalGeneration(LlamaOmniPreTrainedModel, GenerationMixi
                 kind, value = events.get()
                 if kind == "error":
                     raise value
-                chunk = LlamaOmniStreamChunk(token_ids=empty_ids, units=empty_ids, audio=torch.zeros(0))
+                chunk = LlamaOmniStreamChunk(token_ids=empty_ids, units=empty_ids, audio=torch.zeros(0),
+                                             sampling_rate=rate)
                 if kind == "tokens":
                     chunk.token_ids = torch.tensor(value, dtype=torch.long)
                     chunk.text = text.add(value) if text is not None else ""
                 elif kind == "units":
                     chunk.units = torch.tensor(value, dtype=torch.long)
-                    if vocoder_state is not None:
-                        chunk.audio = self.vocoder.stream(vocoder_state, value).float().cpu()
+                    if decoder_state is not None:
+                        chunk.audio = decoder.stream(decoder_state, value).float().cpu()
                 elif kind == "done":
                     chunk.is_final = True
                     chunk.sequences = value.sequences
                     chunk.all_units = value.units[0].cpu()
                     chunk.text = text.flush() if text is not None else ""
-                    if vocoder_state is not None:
-                        chunk.audio = self.vocoder.stream(vocoder_state, [], final=True).float().cpu()
+                    if decoder_state is not None:
+                        chunk.audio = decoder.stream(decoder_state, [], final=True).float().cpu()
                     yield chunk
                     return
                 if chunk.text or len(chunk.token_ids) or len(chunk.units) or len(chunk.audio):
