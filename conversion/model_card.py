@@ -135,3 +135,144 @@ weights: {summary["whisper_source"]}.
 {CITATION}
 ```
 """
+
+
+# --------------------------------------------------------------------------- LLaMA-Omni2
+
+OMNI2_CITATION = """\
+@article{fang-etal-2025-llama-omni2,
+  title={LLaMA-Omni2: LLM-based Real-time Spoken Chatbot with Autoregressive Streaming Speech Synthesis},
+  author={Fang, Qingkai and Zhou, Yan and Guo, Shoutao and Zhang, Shaolei and Feng, Yang},
+  journal={arXiv preprint arXiv:2505.02625},
+  year={2025}
+}"""
+
+OMNI2_LICENCE_NOTICE = """\
+**Non-commercial use only.** The LLaMA-Omni2 weights are released by their authors (ICTNLP) for academic
+research only and **may NOT be used for commercial purposes**; for commercial licensing contact
+`fengyang@ict.ac.cn`. If you use the model in research, cite the paper (below). The language and TTS models are
+derived from Qwen2.5-Instruct (Alibaba Cloud; check the licence of the size you use), the speech encoder is
+OpenAI's Whisper-large-v3 (MIT) and the speech decoder is CosyVoice 2's flow-matching model and HiFT vocoder
+(FunAudioLLM), released under their own terms. This repository only re-packages those weights; it grants no
+rights beyond theirs. The conversion code is Apache-2.0."""
+
+
+def render_omni2_model_card(model_id: str, config, summary: dict) -> str:
+    """The card of a converted LLaMA-Omni2 repo. summary: convert_llama_omni2's facts of this conversion."""
+    from transformers import __version__ as converted_with
+
+    from llama_omni_hf.transformers_compat import MIN_TRANSFORMERS_VERSION
+
+    text, tts, enc, t2w = config.text_config, config.tts_config, config.speech_encoder_config, config.token2wav_config
+    decoder = summary.get("token2wav")
+    if t2w is None:
+        decoder_row = "| token-to-wave | not included: this repo stops at speech units | - |"
+        audio_usage = "# no token-to-wave decoder in this repo: out.units[0] are CosyVoice2 speech tokens"
+    else:
+        voices = ", ".join(f'`"{name}"`' for name in t2w.speakers)
+        decoder_row = (f"| token-to-wave | CosyVoice2 flow matching + HiFT, 24 kHz, voices {voices} (float32) | "
+                       f"{_count(decoder['flow_parameters'] + decoder['hift_parameters'])} |")
+        audio_usage = 'sf.write("answer.wav", out.audio[0].float().cpu().numpy(), out.sampling_rate)  # 24 kHz'
+    sources = "\n".join(f"- {name}: `{value}`" for name, value in summary["sources"].items())
+    facts = [f"Whisper encoder: {summary['whisper_source']}.", f"Generation config: {summary['generation']}, with "
+             "the original run script's settings applied (greedy, no temperature/top_p/top_k, 256 new tokens)."]
+    if decoder is not None:
+        facts.append(f"Flow noise (`token2wav.flow.noise`): {decoder['noise']}.")
+        facts += [f"Voice `{name}`: {how}." for name, how in decoder["speakers"].items()]
+        facts += [f"cosyvoice.yaml: {line}" for line in decoder["yaml"]]
+    facts += [f"Dropped {line}." for line in summary["dropped"]]
+    facts += [f"Note: {note}." for note in summary["notes"]]
+    facts += [f"**WARNING:** {warning}." for warning in summary["warnings"]]
+    fact_lines = "\n".join(f"- {fact}" for fact in facts)
+    return f"""---
+license: other
+license_name: llama-omni2-research-only
+license_link: https://github.com/ictnlp/LLaMA-Omni2#license
+library_name: transformers
+language:
+- en
+- zh
+tags:
+- llama-omni2
+- speech-to-speech
+- spoken-dialogue
+- custom_code
+---
+
+# LLaMA-Omni2 for 🤗 transformers
+
+[LLaMA-Omni2](https://arxiv.org/abs/2505.02625) (Fang et al., 2025) answers a spoken question with **streaming
+text and speech at the same time**: a Qwen2.5 LLM reads the Whisper-encoded question and writes the answer, a
+small Qwen2.5 TTS model reads the LLM's states every {config.tts_read} text tokens and writes up to
+{config.tts_write} CosyVoice2 speech tokens, and CosyVoice2's decoder turns them into 24 kHz audio. This
+repository holds the released checkpoint and its speech decoder in one place, as transformers remote code. No
+CosyVoice, Matcha-TTS, onnxruntime or pinned transformers version needed.
+
+| part | what | size here |
+|---|---|---|
+| speech encoder | Whisper-large-v3 encoder (`WhisperEncoder`) | {enc.encoder_layers} layers, d={enc.d_model} |
+| speech adaptor | {config.speech_adaptor_downsample_rate} frames concatenated -> Linear -> ReLU -> Linear | {config.speech_adaptor_hidden_size} hidden |
+| LLM | Qwen2.5-Instruct layout (`model.*`, `lm_head`) | {text.num_hidden_layers} layers, d={text.hidden_size} |
+| TTS | Qwen2.5 over text + {config.unit_vocab_size} speech tokens, fused LLM states (`tts.*`) | {tts.num_hidden_layers} layers, d={tts.hidden_size} |
+{decoder_row}
+
+Weights: `{summary["dtype"]}` (the token-to-wave decoder float32, as the original runs it), {_count(summary["parameters"])} parameters.
+
+## Licence
+
+{OMNI2_LICENCE_NOTICE}
+
+## Usage
+
+Needs `transformers>={MIN_TRANSFORMERS_VERSION}` (converted with {converted_with}) and `trust_remote_code=True`:
+
+```python
+import soundfile as sf
+import torch
+from transformers import AutoModel, AutoProcessor
+
+model_id = "{model_id}"
+processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=torch.bfloat16, device_map="auto")
+
+audio, sampling_rate = sf.read("question.wav", dtype="float32")  # any rate: resampled to 16 kHz
+inputs = processor(audio=audio, sampling_rate=sampling_rate, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, return_dict_in_generate=True)  # greedy text, sampled speech (as the original)
+answer = out.sequences[0, inputs["input_ids"].shape[1]:]
+print(processor.tokenizer.decode(answer, skip_special_tokens=True))
+{audio_usage}
+```
+
+`generation_config.json` is the release's with the original run script's settings (greedy, 256 new tokens);
+its `repetition_penalty`, if any, applies to the answer only, as in the original. The TTS samples at T=1 with
+top-k 50 like the original (`tts_do_sample=False` for greedy units, `seed=` for reproducible ones). Audio longer
+than 30 s is cut to its first 30 s (Whisper's window); every spoken turn takes
+{config.speech_tokens_per_audio} LLM positions and the prompt is cut to its last {config.max_prompt_length}
+positions, as in the original.
+
+## Streaming text and speech
+
+```python
+for chunk in model.generate_stream(**inputs, tokenizer=processor.tokenizer):
+    print(chunk.text, end="", flush=True)  # new words
+    play(chunk.audio, chunk.sampling_rate)  # new 24 kHz samples
+```
+
+## How this repository was made
+
+Converted with `conversion/convert_llama_omni2.py` of the llama-omni-hf project from:
+
+{sources}
+
+Every original key was mapped by a table (openai-whisper names -> `WhisperEncoder` names,
+`model.speech_projector` -> `speech_adaptor`, `speech_generator` -> `tts`, the decoder's weight norm folded)
+and every shape checked; nothing was left randomly initialised.
+
+{fact_lines}
+
+## Citation
+
+```bibtex
+{OMNI2_CITATION}
+```
+"""
