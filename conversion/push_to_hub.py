@@ -36,28 +36,41 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HARDWARE = "a10g-small"
 REQUIRED_FILES = ["config.json", "configuration_llama_omni.py", "modeling_llama_omni.py",
                   "processing_llama_omni.py", "transformers_compat.py", "processor_config.json"]
+# LLaMA-Omni2 repos carry LLaMA-Omni's files too (the shared speech input and processor), plus their own
+OMNI2_REQUIRED_FILES = REQUIRED_FILES + ["configuration_llama_omni2.py", "modeling_llama_omni2.py",
+                                         "processing_llama_omni2.py"]
+CONVERTERS = {"llama_omni": "conversion/convert_llama_omni.py", "llama_omni2": "conversion/convert_llama_omni2.py"}
 
 
 class PushError(Exception):
     """A problem explained for the user; nothing local was changed."""
 
 
-def check_converted(directory: Path) -> None:
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+def check_converted(directory: Path) -> str:
+    """The family ("llama_omni" or "llama_omni2") of a complete converted repo, else a PushError."""
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    required = OMNI2_REQUIRED_FILES if model_type == "llama_omni2" else REQUIRED_FILES
+    missing = [name for name in required if not (directory / name).is_file()]
     weights = list(directory.glob("*.safetensors"))
     if missing or not weights:
         raise PushError(f"{directory} is not a converted LLaMA-Omni repo (missing: {', '.join(missing) or 'weights'}); "
-                        "run conversion/convert_llama_omni.py first")
-    if json.loads((directory / "config.json").read_text()).get("model_type") != "llama_omni":
-        raise PushError(f"{directory}/config.json is not a llama_omni config")
+                        f"run {CONVERTERS.get(model_type, CONVERTERS['llama_omni'])} first")
+    if model_type not in CONVERTERS:
+        raise PushError(f"{directory}/config.json is not a llama_omni or llama_omni2 config")
+    return model_type
 
 
 def stage_model(directory: Path, repo_id: str, staging: Path) -> Path:
     """Links to the converted files; the model card gets the real repo id instead of the placeholder."""
     staging.mkdir()
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            (staging / path.name).symlink_to(path.resolve())
+    for path in sorted(directory.rglob("*")):  # files, and folders such as LLaMA-Omni2's tts_tokenizer/
+        relative = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).symlink_to(path.resolve())
     card = directory / "README.md"
     if card.is_file() and MODEL_ID_PLACEHOLDER in card.read_text():
         (staging / "README.md").unlink()
@@ -84,7 +97,14 @@ def gradio_version() -> str:
                         "app extra (pip install -e .[app]) or pass --no-space") from None
 
 
-def space_readme(model_id: str, title: str, hardware: str) -> str:
+SIZE_NOTES = {
+    "llama_omni": "The 8B model in float16 needs a GPU with 24 GB (suggested: `{hardware}`).",
+    "llama_omni2": "LLaMA-Omni2 answers in 24 kHz speech; 0.5B-7B in bfloat16 fit a 24 GB GPU (suggested: "
+                   "`{hardware}`), 14B and 32B need more.",
+}
+
+
+def space_readme(model_id: str, title: str, hardware: str, family: str = "llama_omni") -> str:
     return f"""---
 title: {title}
 emoji: 🦙
@@ -97,20 +117,20 @@ suggested_hardware: {hardware}
 models:
 - {model_id}
 license: other
-short_description: Ask by voice; streaming text and speech answers (LLaMA-Omni)
+short_description: Ask by voice; streaming text and speech answers ({title})
 ---
 
-# LLaMA-Omni: talk to it
+# {title}: talk to it
 
 Speak (or upload) a question: the answer's text and speech stream back together, with the measured time to
 first text and first audio. Model: [{model_id}](https://huggingface.co/{model_id}), set by the Space
-variable `LLAMA_OMNI_MODEL`. The 8B model in float16 needs a GPU with 24 GB (suggested: `{hardware}`).
+variable `LLAMA_OMNI_MODEL`. {SIZE_NOTES[family].format(hardware=hardware)}
 
 {LICENCE_NOTICE}
 """
 
 
-def stage_space(app: Path, model_id: str, title: str, hardware: str, staging: Path) -> Path:
+def stage_space(app: Path, model_id: str, title: str, hardware: str, staging: Path, family: str = "llama_omni") -> Path:
     if not app.is_file():
         raise PushError(f"the demo app {app} does not exist, so the Space cannot be built; pass --app PATH, "
                         "or --no-space to publish the model only")
@@ -125,7 +145,7 @@ def stage_space(app: Path, model_id: str, title: str, hardware: str, staging: Pa
             shutil.copyfile(wav, staging / "examples" / wav.name)
     (staging / "requirements.txt").write_text(space_requirements())
     (staging / "packages.txt").write_text("ffmpeg\n")  # audio decoding of uploads and microphone recordings
-    (staging / "README.md").write_text(space_readme(model_id, title, hardware))
+    (staging / "README.md").write_text(space_readme(model_id, title, hardware, family))
     return staging
 
 
@@ -150,12 +170,13 @@ def push(args) -> None:
     from huggingface_hub import HfApi, get_token
 
     directory = Path(args.converted_dir)
-    check_converted(directory)
+    family = check_converted(directory)
     space_id = None if args.no_space else (args.space_id or f"{args.repo_id}-demo")
+    title = args.space_title or {"llama_omni": "LLaMA-Omni", "llama_omni2": "LLaMA-Omni2"}[family]
     with tempfile.TemporaryDirectory(prefix="llama-omni-push-") as tmp:
         model_folder = stage_model(directory, args.repo_id, Path(tmp) / "model")
         space_folder = None if space_id is None else stage_space(
-            Path(args.app), args.repo_id, args.space_title, args.space_hardware, Path(tmp) / "space")
+            Path(args.app), args.repo_id, title, args.space_hardware, Path(tmp) / "space", family)
         if args.dry_run:
             print("dry run: nothing is uploaded")
             print(listing(f"model repo {args.repo_id} (revision {args.revision or 'main'})", model_folder))
@@ -197,12 +218,12 @@ def explain(err: Exception, endpoint: str) -> str | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("converted_dir", help="output of convert_llama_omni.py")
+    p.add_argument("converted_dir", help="output of convert_llama_omni.py or convert_llama_omni2.py")
     p.add_argument("--repo-id", required=True, help="model repo, NAME/REPO")
     p.add_argument("--space-id", help="Space repo (default: REPO-ID-demo)")
     p.add_argument("--no-space", action="store_true", help="publish the model only")
     p.add_argument("--app", default=str(ROOT / "app.py"), help="the Gradio app (default: the project's app.py)")
-    p.add_argument("--space-title", default="LLaMA-Omni")
+    p.add_argument("--space-title", help="default: LLaMA-Omni or LLaMA-Omni2, from the repo's config")
     p.add_argument("--space-hardware", default=DEFAULT_HARDWARE, help="suggested_hardware in the Space README")
     p.add_argument("--private", action="store_true", help="create the repos private")
     p.add_argument("--revision", help="branch to push to (created if needed; default main)")

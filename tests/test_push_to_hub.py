@@ -193,3 +193,37 @@ def test_emulator_rejects_a_space_readme_without_sdk(hub, tmp_path):
     """)
     result = run(["-c", code], hub_env(hub.url, tmp_path))
     assert result.returncode != 0 and "sdk" in result.stderr and hub.repos[("space", "user/s")].commits == []
+
+
+def test_push_a_llama_omni2_repo_with_its_tts_tokenizer_folder_and_load_it_through_the_hub(app, hub, tmp_path):
+    """LLaMA-Omni2 repos carry a folder (tts_tokenizer/, read by unit_parse="regex"): it is published with the
+    files, the Space is titled for the family, and the hub copy loads and generates in a clean process."""
+    from llama_omni_hf.tiny import build_tiny_omni2_checkpoint
+
+    repo = build_tiny_omni2_checkpoint(tmp_path / "omni2", token2wav=False)
+    env = hub_env(hub.url, tmp_path)
+    pushed = run([PUSH, str(repo), "--repo-id", "user/omni", "--space-id", "user/omni-demo", "--app", str(app)], env)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    files = hub.files("user/omni")
+    local = {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    assert "tts_tokenizer/tokenizer.json" in local
+    assert set(files) == set(local)
+    assert all(files[name] == data for name, data in local.items())
+    assert "title: LLaMA-Omni2" in hub.files("user/omni-demo", "space")["README.md"].decode()
+    script = LOAD_THROUGH_HUB.replace("save_file(", "(lambda *a: None)(")  # the tied head cannot go to safetensors
+    loaded = run(["-c", script, str(tmp_path / "state.safetensors")], env, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    report = json.loads(loaded.stdout.split("LOADED ", 1)[1])
+    assert report["class"] == "LlamaOmni2ForConditionalGeneration" and report["processor"] == "LlamaOmni2Processor"
+    assert report["new_tokens"] == 3 and report["module"].startswith("transformers_modules")
+
+
+def test_push_refuses_an_omni2_repo_without_its_remote_code(tmp_path):
+    from conversion.push_to_hub import PushError, check_converted
+    from llama_omni_hf.tiny import build_tiny_omni2_checkpoint
+
+    repo = build_tiny_omni2_checkpoint(tmp_path / "omni2", token2wav=False)
+    assert check_converted(repo) == "llama_omni2"
+    (repo / "modeling_llama_omni2.py").unlink()
+    with pytest.raises(PushError, match="modeling_llama_omni2.py.*convert_llama_omni2.py"):
+        check_converted(repo)

@@ -135,7 +135,8 @@ def test_remote_files_are_listed_in_auto_map(tiny_checkpoint):
 @pytest.mark.parametrize("name", ["configuration_llama_omni.py", "modeling_llama_omni.py",
                                   "processing_llama_omni.py", "vocoder_llama_omni.py",
                                   "transformers_compat.py", "configuration_llama_omni2.py",
-                                  "token2wav_llama_omni2.py"])
+                                  "token2wav_llama_omni2.py", "modeling_llama_omni2.py",
+                                  "processing_llama_omni2.py"])
 def test_remote_files_need_only_torch_transformers_numpy(name):
     """transformers refuses to load remote code whose imports (outside try blocks, in functions too) are not
     installed: a Hub user has torch, transformers and numpy, nothing of ours (soundfile is optional)."""
