@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import shutil
 import subprocess
 import sys
@@ -262,9 +261,10 @@ def build_generation_config(checkpoint: Path, tokenizer, text_config):
             raise ConversionError(f"cannot read {path}: {str(err).splitlines()[0][:300]}") from None
         how = "the release's generation_config.json"
     else:
-        ids = tokenizer.convert_tokens_to_ids
-        eos = [i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None and i != tokenizer.unk_token_id]
-        generation = GenerationConfig(bos_token_id=text_config.bos_token_id, eos_token_id=eos or text_config.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        eos = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+        generation = GenerationConfig(bos_token_id=text_config.bos_token_id,
+                                      eos_token_id=eos or text_config.eos_token_id)
         how = "no generation_config.json in the release: Qwen2.5-Instruct's EOS ids (<|im_end|>, <|endoftext|>)"
     for key, value in RUN_SCRIPT_GENERATION.items():
         setattr(generation, key, value)

@@ -199,14 +199,38 @@ def write_safetensors(directory: Path, state: dict, sharded: bool):
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def write_tokenizers(checkpoint: Path) -> tuple[int, int, dict]:
+# The release's chat template is its tokenizer_config.json's (spec §1.1); the fake's differs from the stock
+# Qwen2.5 one in its default system text, so a test can tell that the converted repo keeps the checkpoint's.
+RELEASE_SYSTEM_PROMPT = "You are a helpful speech assistant from a fake LLaMA-Omni2 release."
+
+
+def as_released_tokenizer_files(directory: Path, chat_template: str | None = None):
+    """tokenizer_config.json as transformers 4.43 wrote it: Qwen2Tokenizer, no BOS, the chat template inside (no
+    chat_template.jinja)."""
+    path = directory / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    data.pop("backend", None)
+    data.update(tokenizer_class="Qwen2Tokenizer", bos_token=None, errors="replace", split_special_tokens=False)
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        jinja.unlink()
+    if chat_template is not None:
+        data["chat_template"] = chat_template
+    path.write_text(json.dumps(data, indent=2))
+
+
+def write_tokenizers(checkpoint: Path, unit_count: int = UNITS) -> tuple[int, int, dict]:
     """The LLM tokenizer (Qwen2.5 + `<speech>`, chat template) and tts_tokenizer/; (vocab, tts vocab, ids)."""
-    from llama_omni_hf.tiny_tokenizer import build_tiny_qwen2_tokenizer, build_tiny_qwen2_tts_tokenizer
+    from llama_omni_hf.tiny_tokenizer import (QWEN2_CHAT_TEMPLATE, QWEN2_DEFAULT_SYSTEM_PROMPT,
+                                              build_tiny_qwen2_tokenizer, build_tiny_qwen2_tts_tokenizer)
 
     tokenizer = build_tiny_qwen2_tokenizer()
     tokenizer.save_pretrained(checkpoint)
-    tts = build_tiny_qwen2_tts_tokenizer(unit_vocab_size=UNITS)
+    as_released_tokenizer_files(checkpoint, QWEN2_CHAT_TEMPLATE.replace(QWEN2_DEFAULT_SYSTEM_PROMPT,
+                                                                         RELEASE_SYSTEM_PROMPT))
+    tts = build_tiny_qwen2_tts_tokenizer(unit_vocab_size=unit_count)
     tts.save_pretrained(checkpoint / "tts_tokenizer")
+    as_released_tokenizer_files(checkpoint / "tts_tokenizer")
     get = tokenizer.convert_tokens_to_ids
     ids = dict(speech=get("<speech>"), im_end=get("<|im_end|>"), endoftext=get("<|endoftext|>"),
                sep=tts.convert_tokens_to_ids("<sep>"), unit_offset=tts.convert_tokens_to_ids("<0>"),
