@@ -382,6 +382,9 @@ def test_output_repo_files_and_card(converted):
                    "license: other"):
         assert needle in card, needle
     assert not list(converted.parent.glob(".*partial*"))
+    from conversion.push_to_hub import check_converted
+
+    assert check_converted(converted) == "llama_omni2"  # push_to_hub.py takes it as it is
 
 
 # ----------------------------------------------------------------------------- the converted model = the original
