@@ -1,12 +1,14 @@
 """LLaMA-Omni in the browser: ask by voice, read and hear the answer while it is generated.
 
-    python app.py [--model DIR_OR_HUB_ID] [--device auto] [--dtype auto] [--share]
+    python app.py [--model DIR_OR_HUB_ID|tiny-omni2] [--device auto] [--dtype auto] [--share]
                   [--server-name 0.0.0.0] [--server-port 7860]
 
-One process (the original needs a controller, a worker and a web server). Without `--model` (or
-`LLAMA_OMNI_MODEL`) it runs the embedded tiny checkpoint with RANDOM weights: the pipeline is real
-(streaming text, streaming speech, latencies, multi-turn), the answers are noise. The same file is the
-entry of a Hugging Face Space (ZeroGPU through the `spaces` package when it is installed).
+One process (the original needs a controller, a worker and a web server). It serves either family, told
+apart by the loaded config's `model_type`: LLaMA-Omni ("llama_omni", 16 kHz speech, chunk size Ω) and
+LLaMA-Omni2 ("llama_omni2", 24 kHz speech, a voice). Without `--model` (or `LLAMA_OMNI_MODEL`) it runs the
+embedded tiny LLaMA-Omni checkpoint with RANDOM weights, and `--model tiny-omni2` the tiny LLaMA-Omni2 one:
+the pipeline is real (streaming text, streaming speech, latencies, multi-turn), the answers are noise. The
+same file is the entry of a Hugging Face Space (ZeroGPU through the `spaces` package when it is installed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import io
 import os
 import re
+import sys
 import threading
 import time
 import wave
@@ -36,9 +39,11 @@ except ImportError:
     def gpu(function):
         return function
 
-SAMPLE_RATE = 16000  # of the speech the model hears and says
+SAMPLE_RATE = 16000  # of the speech the model hears (and LLaMA-Omni says; the chunks carry their own rate)
 MAX_SECONDS = 30  # Whisper's window: the processor keeps only the first 30 s of a question
 TRAINED_CONTEXT = 2048  # original `tokenizer_model_max_length`: the released model never saw longer inputs
+TINY_OMNI2 = "tiny-omni2"  # --model name of the embedded tiny random-weight LLaMA-Omni2 checkpoint
+FAMILIES = {"llama_omni": "LLaMA-Omni", "llama_omni2": "LLaMA-Omni2"}  # config.model_type -> name
 TYPICAL_ANSWER = 100  # tokens, about four spoken sentences: what "turns that fit" assumes
 MIN_ANSWER = 16  # fewer free positions than this and the conversation is full
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -50,12 +55,23 @@ TINY_BANNER = (
 )
 
 
+def family(model) -> str:
+    """"llama_omni" or "llama_omni2", from the loaded model's config (never from its name)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"the app serves LLaMA-Omni and LLaMA-Omni2 checkpoints (model_type "
+                         f"{' or '.join(map(repr, FAMILIES))}), not model_type {model_type!r}")
+    return model_type
+
+
 @dataclass
 class Settings:
-    chunk_size: int = 10  # Omega, units per vocoder call; no seams at any value (vocoded with context)
+    chunk_size: int = 10  # LLaMA-Omni: Omega, units per vocoder call; no seams at any value (vocoded with context)
     temperature: float = 0.2  # a little sampling: 0 (greedy, the original's script) makes small models loop
     top_p: float = 0.7
     max_new_tokens: int = 256
+    speaker: str | None = None  # LLaMA-Omni2: one of the checkpoint's voices (None: its default)
+    seed: int | None = None  # LLaMA-Omni2: seeds the TTS sampling and HiFT (None: torch's global generator)
 
     def generation_kwargs(self) -> dict:
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -86,21 +102,47 @@ class Update:
     samples: int
     context: int  # positions used by the conversation including this answer
     done: bool = False
+    rate: int | None = None  # of `audio`, from the chunks (16000 LLaMA-Omni, 24000 LLaMA-Omni2; None: no speech)
+    setting: str = ""  # the family's own setting, shown in the latency line ("Ω 10", "voice en")
 
-    def meta(self, settings: Settings, max_context: int, note: str = "", stopped: bool = False) -> str:
+    def meta(self, max_context: int, note: str = "", stopped: bool = False) -> str:
         seconds = lambda value: "-" if value is None else f"{value:.2f} s"  # noqa: E731
+        spoken = self.samples / self.rate if self.rate else 0.0
         parts = [f"first text {seconds(self.first_text)}", f"first audio {seconds(self.first_audio)}",
-                 f"{self.tokens} tokens and {self.samples / SAMPLE_RATE:.1f} s of speech in {self.elapsed:.1f} s",
-                 f"Ω {settings.chunk_size}", f"context {self.context}/{max_context}"]
+                 f"{self.tokens} tokens and {spoken:.1f} s of speech in {self.elapsed:.1f} s",
+                 *([self.setting] if self.setting else []), f"context {self.context}/{max_context}"]
         return ("*Latency: " + " · ".join(parts) + (" · stopped*" if stopped else "*")
                 + (f"\n\n**Note:** {note}" if note else ""))
 
 
 class Assistant:
-    """Model + processor + the conversation rules (30 s per question, the trained context)."""
+    """Model + processor + the conversation rules (30 s per question, the trained context).
 
-    def __init__(self, model, processor, max_context: int = TRAINED_CONTEXT):
-        self.model, self.processor, self.max_context = model, processor, max_context
+    `max_context` (default: the trained window) bounds prompt + answer. LLaMA-Omni: the tokenizer's
+    `model_max_length` (2048 for the release). LLaMA-Omni2: `config.max_prompt_length` (4096), which is also a
+    ceiling: the model cuts longer prompts from the FRONT (as the original), which would silently drop the
+    conversation's start and, in the end, the generation prompt; the app asks for a new conversation instead.
+    """
+
+    def __init__(self, model, processor, max_context: int | None = None):
+        self.model, self.processor = model, processor
+        self.family = family(model)
+        self.omni2 = self.family == "llama_omni2"
+        self.name = FAMILIES[self.family]
+        if self.omni2:
+            self.trained_context = int(model.config.max_prompt_length)
+        else:
+            trained = processor.tokenizer.model_max_length
+            self.trained_context = trained if trained <= 131072 else TRAINED_CONTEXT  # else: the tokenizer's "no limit"
+        if max_context is not None and self.omni2 and max_context > self.trained_context:
+            raise ValueError(f"a context of {max_context} positions does not fit LLaMA-Omni2's prompt window: the "
+                             f"model keeps only the last {self.trained_context} (config.max_prompt_length) and would "
+                             "silently drop the conversation's start")
+        self.max_context = self.trained_context if max_context is None else max_context
+        token2wav = getattr(model, "token2wav", None) if self.omni2 else None
+        self.speakers = list(token2wav.config.speakers) if token2wav is not None else []
+        self.default_speaker = token2wav.config.default_speaker if token2wav is not None else None
+        self.speech_positions = int(getattr(model.config, "speech_tokens_per_audio", 300))
         probe = np.random.default_rng(0).uniform(-0.1, 0.1, SAMPLE_RATE // 10).astype(np.float32)
         length = lambda history: self.inputs(history, probe)["input_ids"].shape[1]  # noqa: E731
         self.first_turn = length([])  # positions of a first question's prompt, then what a follow-up adds
@@ -150,13 +192,22 @@ class Assistant:
                              f"{self.max_context} positions the model was trained on, leaving no room for an "
                              "answer. Press “New conversation”.")
         options = replace(settings, max_new_tokens=min(settings.max_new_tokens, budget)).generation_kwargs()
-        stream = self.model.generate_stream(**inputs, tokenizer=self.processor.tokenizer,
-                                            chunk_size=settings.chunk_size, **options)
-        update = Update("", np.zeros(0, np.float32), None, None, 0.0, 0, 0, prompt)
+        if self.omni2:  # no Ω: the read/write schedule decides when speech comes
+            if settings.speaker:
+                options["speaker"] = settings.speaker
+            if settings.seed is not None:
+                options["seed"] = settings.seed
+            voice = settings.speaker or self.default_speaker
+            setting = f"voice {voice}" if voice else ""
+        else:
+            options.update(chunk_size=settings.chunk_size)
+            setting = f"Ω {settings.chunk_size}"
+        stream = self.model.generate_stream(**inputs, tokenizer=self.processor.tokenizer, **options)
+        update = Update("", np.zeros(0, np.float32), None, None, 0.0, 0, 0, prompt, setting=setting)
         with closing(stream):
             for chunk in stream:
                 now, audio = time.perf_counter() - started, chunk.audio.numpy()
-                update.text, update.audio = update.text + chunk.text, audio
+                update.text, update.audio, update.rate = update.text + chunk.text, audio, chunk.sampling_rate
                 update.tokens, update.samples = update.tokens + len(chunk.token_ids), update.samples + len(audio)
                 if update.first_text is None and update.text.strip():
                     update.first_text = now
@@ -171,11 +222,11 @@ def pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2")
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
-    """16-bit mono WAV: Gradio streams it without re-encoding or per-chunk peak normalization."""
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """16-bit mono WAV at `rate`: Gradio streams it without re-encoding or per-chunk peak normalization."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as writer:
-        writer.setnchannels(1), writer.setsampwidth(2), writer.setframerate(SAMPLE_RATE)
+        writer.setnchannels(1), writer.setsampwidth(2), writer.setframerate(rate)
         writer.writeframes(pcm16(samples).tobytes())
     return buffer.getvalue()
 
@@ -192,8 +243,9 @@ def chat_messages(history: list[Turn], path: str | None = None, text: str | None
 
 
 def context_info(assistant: Assistant, used: int = 0) -> str:
-    trained = " (what the released model was trained on)" if assistant.max_context == TRAINED_CONTEXT else ""
-    return (f"Context: {used} of {assistant.max_context} positions{trained}. Each spoken question takes 300 positions plus "
+    trained = " (what the released model was trained on)" if assistant.max_context == assistant.trained_context else ""
+    return (f"Context: {used} of {assistant.max_context} positions{trained}. Each spoken question takes "
+            f"{assistant.speech_positions} positions plus "
             f"its prompt and answer: with ~{TYPICAL_ANSWER}-token answers, about **{assistant.turns_left(used)} more turn(s)** fit"
             + (" in a new conversation." if used == 0 else "."))
 
@@ -205,12 +257,14 @@ class Handlers:
         self.assistant, self.generate = assistant, generate
         self.stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
 
-    def respond(self, path, history, chunk_size, temperature, top_p, max_new_tokens, request: gr.Request):
+    def respond(self, path, history, chunk_size, temperature, top_p, max_new_tokens, voice=None,
+                request: gr.Request = None):
         """Yields (conversation, new speech, history, context line) while the answer streams."""
         started = time.perf_counter()
         stop = self.stops.setdefault(request.session_hash, threading.Event())
         stop.clear()
-        settings = Settings(int(chunk_size), float(temperature), float(top_p), int(max_new_tokens))
+        settings = Settings(int(chunk_size), float(temperature), float(top_p), int(max_new_tokens),
+                            speaker=voice or None)
         try:
             if not path:
                 raise ValueError("No question yet: record one with the microphone or upload an audio file.")
@@ -221,9 +275,10 @@ class Handlers:
             with closing(self.generate(history, samples, rate, settings, started)) as updates:
                 yield chat_messages(history, path, "…"), gr.skip(), history, gr.skip(), None
                 for update in updates:
-                    meta = update.meta(settings, self.assistant.max_context, note, stop.is_set())
+                    meta = update.meta(self.assistant.max_context, note, stop.is_set())
                     spoken.append(update.audio)
-                    audio = wav_bytes(update.audio) if len(update.audio) else gr.skip()  # the player keeps going
+                    # the player keeps going; each piece carries the model's own rate (16 or 24 kHz)
+                    audio = wav_bytes(update.audio, update.rate) if len(update.audio) else gr.skip()
                     yield chat_messages(history, path, update.text or "…", meta), audio, history, gr.skip(), gr.skip()
                     if stop.is_set():
                         break  # leaving the `with` closes the stream: generation ends at its next step
@@ -232,19 +287,19 @@ class Handlers:
             notice = {"role": "assistant", "content": f"**Cannot answer:** {error}"}
             yield chat_messages(history) + [notice], gr.skip(), history, gr.skip(), None
             return
-        meta = update.meta(settings, self.assistant.max_context, note, stopped=not update.done)
+        meta = update.meta(self.assistant.max_context, note, stopped=not update.done)
         history = history + [Turn(samples, rate, path, update.text, meta)]
         whole = np.concatenate(spoken) if spoken else np.zeros(0, np.float32)
-        full_answer = (SAMPLE_RATE, pcm16(whole)) if len(whole) else None
+        full_answer = (update.rate, pcm16(whole)) if len(whole) else None
         yield chat_messages(history), gr.skip(), history, context_info(self.assistant, update.context), full_answer
 
-    def respond_to_change(self, path, history, chunk_size, temperature, top_p, max_new_tokens,
-                          request: gr.Request):
+    def respond_to_change(self, path, history, chunk_size, temperature, top_p, max_new_tokens, voice=None,
+                          request: gr.Request = None):
         """Recording stopped, file uploaded or example picked: answer. Input cleared: nothing to do."""
         if not path:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        yield from self.respond(path, history, chunk_size, temperature, top_p, max_new_tokens, request)
+        yield from self.respond(path, history, chunk_size, temperature, top_p, max_new_tokens, voice, request)
 
     def stop(self, request: gr.Request):
         self.stops.setdefault(request.session_hash, threading.Event()).set()
@@ -259,9 +314,9 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
         yield from assistant.answer(history, samples, rate, settings, started)
 
     handlers = Handlers(assistant, generate)
-    with gr.Blocks(title="LLaMA-Omni") as demo:
-        gr.Markdown("# LLaMA-Omni\nAsk a question out loud: the answer's text appears and its speech plays while "
-                    "the model is still generating. Earlier turns stay in the conversation.")
+    with gr.Blocks(title=assistant.name) as demo:
+        gr.Markdown(f"# {assistant.name}\nAsk a question out loud: the answer's text appears and its speech plays "
+                    "while the model is still generating. Earlier turns stay in the conversation.")
         if banner:
             gr.Markdown(banner, elem_id="banner")
         history = gr.State([])
@@ -283,14 +338,19 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
                                        elem_id="full-answer")
                 with gr.Accordion("Generation settings", open=False):
                     chunk_size = gr.Slider(1, 500, Settings.chunk_size, step=1, label="Chunk size Ω (units)",
-                                           info="Units per vocoder call: smaller = earlier first audio, more calls")
+                                           info="Units per vocoder call: smaller = earlier first audio, more calls",
+                                           visible=not assistant.omni2, elem_id="chunk-size")  # LLaMA-Omni only
+                    # LLaMA-Omni2's voices (the token-to-wave's speaker x-vectors); ignored by LLaMA-Omni
+                    voice = gr.Dropdown(assistant.speakers, value=assistant.default_speaker, label="Voice",
+                                        info="The speaker of the spoken answer", elem_id="voice",
+                                        visible=len(assistant.speakers) > 1)
                     temperature = gr.Slider(0, 1, Settings.temperature, step=0.05, label="Temperature",
                                             info="0 = greedy")
                     top_p = gr.Slider(0.05, 1, Settings.top_p, step=0.05, label="Top-p")
                     max_new_tokens = gr.Slider(16, 1024, Settings.max_new_tokens, step=8, label="Max new tokens")
                 gr.Examples([[p] for p in EXAMPLES], inputs=[question],
                             label="Spoken examples (espeak-ng; `bash scripts/make_examples.sh` remakes them)")
-        inputs = [question, history, chunk_size, temperature, top_p, max_new_tokens]
+        inputs = [question, history, chunk_size, temperature, top_p, max_new_tokens, voice]
         model_event = dict(concurrency_limit=concurrency_limit, concurrency_id="model")  # one model: one queue
         answer = dict(outputs=[chatbot, speech, history, info, full_answer], show_progress="minimal", **model_event)
         ask.click(handlers.respond, inputs, api_name="answer", **answer)
@@ -307,12 +367,15 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("LLAMA_OMNI_MODEL"),
-                        help="local directory or hub id (default: the embedded tiny random-weight checkpoint)")
+                        help="local directory or hub id of a LLaMA-Omni or LLaMA-Omni2 checkpoint; "
+                             f"{TINY_OMNI2!r} = the embedded tiny random-weight LLaMA-Omni2 (default: the embedded "
+                             "tiny random-weight LLaMA-Omni)")
     parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--max-context", type=int, default=None,
-                        help="positions a conversation may use (default: the tokenizer's model_max_length, the "
-                             "context the model was trained on: 2048 for the release)")
+                        help="positions a conversation may use (default: the context the model was trained on: "
+                             "the tokenizer's model_max_length for LLaMA-Omni, 2048 for the release; "
+                             "config.max_prompt_length for LLaMA-Omni2, 4096, also its ceiling)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--server-name", default=None, help="e.g. 0.0.0.0 to listen on every interface")
     parser.add_argument("--server-port", type=int, default=None)
@@ -326,11 +389,19 @@ def main(argv=None):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_model(args.model, device, args.dtype)
-    trained = processor.tokenizer.model_max_length
-    max_context = args.max_context or (trained if trained <= 131072 else TRAINED_CONTEXT)
-    assistant = Assistant(model, processor, max_context)
-    demo = build_demo(assistant, banner="" if args.model else TINY_BANNER)
+    model_id, tiny = args.model, args.model in (None, TINY_OMNI2)
+    if model_id == TINY_OMNI2 and not Path(model_id).is_dir():
+        from llama_omni_hf.tiny import default_tiny_omni2_checkpoint
+
+        model_id = str(default_tiny_omni2_checkpoint())
+        print(f"[llama-omni] using the embedded TINY RANDOM-WEIGHT LLaMA-Omni2 checkpoint at {model_id}: it "
+              "demonstrates the pipeline only, its answers are noise.", file=sys.stderr)
+    model, processor = load_model(model_id, device, args.dtype)
+    try:
+        assistant = Assistant(model, processor, args.max_context)
+    except ValueError as error:  # not a LLaMA-Omni model; a context the model cannot take
+        sys.exit(f"app.py: error: {error}")
+    demo = build_demo(assistant, banner=TINY_BANNER if tiny else "")
     demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, show_error=True)
 
 

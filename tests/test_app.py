@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -152,10 +154,120 @@ def test_questions_over_30_seconds_are_cut_with_a_note(tmp_path, question):
     assert note == "The question lasts 35.0 s; only its first 30 s were heard (the last 5.0 s were ignored)."
 
 
-def test_wav_chunks_are_16_bit_without_normalization():
-    chunk = app.wav_bytes(np.array([0.0, 0.5, -1.0, 2.0], np.float32))
-    samples, rate = soundfile.read(__import__("io").BytesIO(chunk), dtype="int16")
-    assert rate == 16000 and samples.tolist() == [0, 16383, -32767, 32767]
+@pytest.mark.parametrize("model_rate", [16000, 24000])
+def test_wav_chunks_are_16_bit_without_normalization_at_the_model_rate(model_rate):
+    chunk = app.wav_bytes(np.array([0.0, 0.5, -1.0, 2.0], np.float32), model_rate)
+    samples, rate = soundfile.read(io.BytesIO(chunk), dtype="int16")
+    assert rate == model_rate and samples.tolist() == [0, 16383, -32767, 32767]
+
+
+def test_llama_omni_settings_and_window(assistant, question):
+    assert assistant.family == "llama_omni" and assistant.name == "LLaMA-Omni" and assistant.speakers == []
+    assert assistant.max_context == assistant.trained_context == app.TRAINED_CONTEXT
+    torch.manual_seed(4)
+    final = list(assistant.answer([], *question, replace(SAMPLING, max_new_tokens=8)))[-1]
+    assert final.rate == 16000 and "· Ω 10 ·" in final.meta(assistant.max_context)
+
+
+# --- LLaMA-Omni2 (the tiny random checkpoint, loaded as the app loads it) ---------------------------------
+
+GREEDY2 = app.Settings(temperature=0, max_new_tokens=24, seed=0)  # seed: the TTS and HiFT draw the same
+
+
+@pytest.fixture(scope="module")
+def omni2(tmp_path_factory):
+    from llama_omni_hf.cli import load_model
+    from llama_omni_hf.tiny import build_tiny_omni2_checkpoint
+
+    path = build_tiny_omni2_checkpoint(tmp_path_factory.mktemp("omni2") / "llama-omni2-tiny")
+    return app.Assistant(*load_model(str(path)))
+
+
+def speech_of(updates) -> np.ndarray:
+    return np.concatenate([u.audio for u in updates])
+
+
+def test_omni2_streams_24khz_speech_and_the_text_of_generate(omni2, question):
+    assert omni2.family == "llama_omni2" and omni2.name == "LLaMA-Omni2"
+    updates = list(omni2.answer([], *question, GREEDY2))
+    final = updates[-1]
+    assert final.done and {u.rate for u in updates} == {24000}  # every chunk's own rate, not 16 kHz
+    assert sum(len(u.audio) for u in updates) == final.samples > 0
+    assert 0 < final.first_audio < final.elapsed
+    meta = final.meta(omni2.max_context)
+    assert f"{final.samples / 24000:.1f} s of speech" in meta and "· voice en ·" in meta and "Ω" not in meta
+    inputs = omni2.inputs([], *question)
+    prompt = inputs["input_ids"].shape[1]
+    greedy = omni2.model.generate(**inputs, return_dict_in_generate=True, return_audio=False,
+                                  **GREEDY2.generation_kwargs())
+    answer = greedy.sequences[0, prompt:]
+    assert final.text == omni2.processor.decode(answer, skip_special_tokens=True) and final.tokens == len(answer)
+    assert final.context == prompt + final.tokens == omni2.first_turn + final.tokens
+    # the tiny model's greedy text is one repeated token: sampled text (same seeds) is a stronger check
+    sampling = replace(GREEDY2, temperature=0.7, top_p=0.9)
+    torch.manual_seed(5)
+    streamed = list(omni2.answer([], *question, sampling))[-1]
+    torch.manual_seed(5)
+    offline = omni2.model.generate(**inputs, return_dict_in_generate=True, return_audio=False, seed=0,
+                                   **sampling.generation_kwargs())
+    assert streamed.text == omni2.processor.decode(offline.sequences[0, prompt:], skip_special_tokens=True)
+    assert len(set(streamed.text)) > 5
+
+
+def test_omni2_voice_changes_the_speech_not_the_text(omni2, question):
+    assert omni2.speakers == ["en", "zh"] and omni2.default_speaker == "en"
+    en, zh, en_again = (list(omni2.answer([], *question, replace(GREEDY2, speaker=voice)))
+                        for voice in ("en", "zh", "en"))
+    assert en[-1].text == zh[-1].text and en[-1].tokens == zh[-1].tokens
+    assert np.array_equal(speech_of(en), speech_of(en_again))  # seeded: the same voice says the same
+    assert speech_of(en).shape == speech_of(zh).shape  # the same units...
+    assert np.abs(speech_of(en) - speech_of(zh)).max() > 1e-5  # ...in another voice
+    assert "· voice zh ·" in zh[-1].meta(omni2.max_context)
+    with pytest.raises(ValueError, match="unknown speaker 'fr'"):
+        next(omni2.answer([], *question, replace(GREEDY2, speaker="fr")))
+
+
+def test_omni2_follow_up_prompt_holds_earlier_questions_and_the_first_answer_as_text(omni2, question):
+    torch.manual_seed(6)
+    first = list(omni2.answer([], *question, replace(GREEDY2, temperature=0.7, top_p=0.9)))[-1]
+    history = [app.Turn(*question, None, first.text, "")]
+    follow_up, rate = soundfile.read(FOLLOW_UP, dtype="float32")
+    inputs = omni2.inputs(history, follow_up, rate)
+    ids, speech_id = inputs["input_ids"][0], omni2.processor.speech_token_id
+    assert inputs["input_features"].shape[0] == 2 and int((ids == speech_id).sum()) == 2 * 300
+    text = omni2.processor.decode(ids[ids != speech_id])
+    assert f"<|im_start|>assistant\n{first.text}<|im_end|>" in text and len(first.text.strip()) > 5
+    assert text.count("<|im_start|>user") == 2 and text.endswith("<|im_start|>assistant\n")
+    second = list(omni2.answer(history, follow_up, rate, GREEDY2))[-1]
+    assert second.done and second.context == len(ids) + second.tokens
+
+
+def test_omni2_conversation_stays_in_its_prompt_window(omni2, question):
+    """The model cuts prompts over `max_prompt_length` from the front (the original's Q9), which would drop the
+    conversation's start and at last the generation prompt: the app refuses before that, as for LLaMA-Omni."""
+    limit = omni2.model.config.max_prompt_length
+    assert omni2.max_context == omni2.trained_context == limit == 4096
+    assert "of 4096 positions (what the released model was trained on)" in app.context_info(omni2)
+    assert 2 <= omni2.turns_left() < (limit - omni2.first_turn) // 300 + 1
+    assert omni2.turns_left(limit - 10) == 0
+    with pytest.raises(ValueError, match="keeps only the last 4096"):
+        app.Assistant(omni2.model, omni2.processor, max_context=limit + 1)
+    turn = app.Turn(*question, None, "Paris.", "")
+    history = [turn] * 11  # with the tiny tokenizer: ~350 + ~310 per earlier turn, then fill up with text
+    used = omni2.inputs(history, *question)["input_ids"].shape[1]
+    filler = len(omni2.processor.tokenizer(" Paris.")["input_ids"])
+    history = history[:-1] + [replace(turn, text="Paris." + " Paris." * ((limit - used - 24) // filler))]
+    prompt = omni2.inputs(history, *question)["input_ids"].shape[1]
+    assert app.MIN_ANSWER <= limit - prompt <= 24 + filler
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final = list(omni2.answer(history, *question, replace(GREEDY2, max_new_tokens=1000)))[-1]
+    assert final.tokens <= limit - prompt and final.context <= limit  # the answer is cut to the window
+    assert not [w for w in caught if "max_prompt_length" in str(w.message)]  # and the prompt never was
+    too_long = [turn] * 13
+    assert omni2.inputs(too_long, *question)["input_ids"].shape[1] > limit  # the model would cut its front
+    with pytest.raises(ValueError, match="This conversation is full: .* of the 4096 positions"):
+        next(omni2.answer(too_long, *question, GREEDY2))
 
 
 # --- python app.py, end to end ---------------------------------------------------------------------------
@@ -166,11 +278,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_app(directory: Path, *args: str, timeout: float = 120.0):
+def launch_app(directory: Path, *args: str, timeout: float = 120.0, env: dict | None = None):
     """Start `python app.py` on 127.0.0.1 with a free port; return (process, url, log path)."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1",
-           "LLAMA_OMNI_CACHE": str(directory / "cache"), "GRADIO_TEMP_DIR": str(directory / "gradio")}
+           "LLAMA_OMNI_CACHE": str(directory / "cache"), "GRADIO_TEMP_DIR": str(directory / "gradio"), **(env or {})}
     log = directory / "app.log"
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--server-name", "127.0.0.1",
                                 "--server-port", str(port), *args],
@@ -341,3 +453,49 @@ def test_client_long_question_is_answered_with_a_note(client, tmp_path, question
     job.result()
     assert "**Note:** The question lasts 33.0 s; only its first 30 s were heard (the last 3.0 s were ignored)." \
         in last_answer(job.outputs()[-1])
+
+
+def page_components(url: str) -> dict:
+    """elem_id -> props of the served page's components (what the browser renders)."""
+    config = httpx.get(url + "config").json()
+    return config, {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+
+
+def test_client_llama_omni_page_has_omega_and_no_voice(served):
+    config, components = page_components(served)
+    assert config["title"] == "LLaMA-Omni" and "banner" not in components  # a --model checkpoint
+    assert components["chunk-size"]["visible"] is True and components["voice"]["visible"] is False
+
+
+@pytest.fixture(scope="module")
+def served_omni2(tmp_path_factory):
+    """The Space's way: LLAMA_OMNI_MODEL names the model (here the embedded tiny LLaMA-Omni2, built on first run)."""
+    process, url, log = launch_app(tmp_path_factory.mktemp("app-omni2"), env={"LLAMA_OMNI_MODEL": "tiny-omni2"})
+    yield url
+    stop_app(process)
+    print(log.read_text()[-3000:])
+
+
+def test_client_omni2_streams_24khz_speech_in_the_chosen_voice(served_omni2):
+    from gradio_client import Client, handle_file
+
+    config, components = page_components(served_omni2)
+    assert config["title"] == "LLaMA-Omni2"
+    assert components["banner"]["value"].startswith("**Embedded tiny checkpoint with RANDOM weights.**")
+    assert components["chunk-size"]["visible"] is False  # no Ω in LLaMA-Omni2
+    voice = components["voice"]
+    assert voice["visible"] is True and [c[1] for c in voice["choices"]] == ["en", "zh"] and voice["value"] == "en"
+    client = Client(served_omni2, verbose=False, download_files=False)
+    job = client.submit(handle_file(str(QUESTION)), 10, 0.7, 0.9, 32, "zh", api_name="/answer")
+    updates = list(job)
+    final = job.outputs()[-1]
+    meta = last_answer(final)
+    assert "· voice zh ·" in meta and "Ω" not in meta and re.match(r"Context: \d+ of 4096 positions", final[2])
+    speech = float(re.search(r"and ([0-9.]+) s of speech", meta).group(1))
+    assert speech > 0 and any(isinstance(u[1], dict) and u[1].get("is_stream") for u in updates)
+    whole, rate = soundfile.read(io.BytesIO(httpx.get(final[3]["url"]).content))
+    assert rate == 24000 and abs(len(whole) / rate - speech) < 0.05 and np.abs(whole).max() > 0.01
+    job = client.submit(handle_file(str(FOLLOW_UP)), 10, 0.7, 0.9, 16, "en", api_name="/answer")  # a follow-up
+    job.result()
+    assert [m["role"] for m in job.outputs()[-1][0]] == ["user", "assistant"] * 2
+    assert "· voice en ·" in last_answer(job.outputs()[-1])
