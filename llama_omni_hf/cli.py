@@ -1,7 +1,7 @@
-"""`llama-omni` command line: answer spoken questions, write tiny checkpoints.
+"""`llama-omni` command line: answer spoken questions, write tiny checkpoints (LLaMA-Omni or LLaMA-Omni2).
 
-    llama-omni answer question.wav [--model DIR_OR_HUB_ID] [--output-wav answer.wav] [--stream]
-    llama-omni tiny OUT_DIR
+    llama-omni answer question.wav [--model DIR_OR_HUB_ID] [--output-wav answer.wav] [--stream] [--speaker en]
+    llama-omni tiny OUT_DIR [--omni2]
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ def _answer(args) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.chunk_size < 1:
         raise ValueError("need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1 and --chunk-size >= 1")
     model, processor = load_model(args.model, args.device, args.dtype)
+    omni2 = model.config.model_type == "llama_omni2"
+    speech_decoder = getattr(model, "token2wav" if omni2 else "vocoder", None)
+    if args.speaker is not None and not omni2:
+        raise ValueError("--speaker chooses a LLaMA-Omni2 voice; this is a LLaMA-Omni checkpoint (one voice)")
+    if args.speaker is not None and speech_decoder is not None:
+        speech_decoder.speaker_embedding(args.speaker)  # an unknown voice fails before generating
+    stream_options = dict(speaker=args.speaker) if omni2 else dict(chunk_size=args.chunk_size)
     options = dict(max_new_tokens=args.max_new_tokens)
     if args.temperature > 0:
         options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
@@ -69,32 +76,37 @@ def _answer(args) -> int:
     for index, (samples, rate) in enumerate(recordings):
         inputs = processor(audio=samples, sampling_rate=rate, return_tensors="pt").to(model.device)
         if args.stream:
-            audio, units = [], None
-            for chunk in model.generate_stream(**inputs, tokenizer=processor.tokenizer, chunk_size=args.chunk_size,
-                                               **options):
+            audio, units, rate = [], None, None
+            for chunk in model.generate_stream(**inputs, tokenizer=processor.tokenizer, **stream_options, **options):
                 print(chunk.text, end="", flush=True)
                 audio.append(chunk.audio.numpy())
                 units = chunk.all_units if chunk.is_final else units
+                rate = chunk.sampling_rate
             print()
-            waveform = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+            waveform = np.concatenate(audio) if speech_decoder is not None else None
         else:
+            if omni2:
+                options["speaker"] = args.speaker
             output = model.generate(**inputs, return_dict_in_generate=True,
-                                    return_audio=bool(args.output_wav) and model.vocoder is not None, **options)
+                                    return_audio=bool(args.output_wav) and speech_decoder is not None, **options)
             answer = output.sequences[0, inputs["input_ids"].shape[1]:]
             print(processor.decode(answer, skip_special_tokens=True).strip())
             units = output.units[0]
             waveform = output.audio[0].cpu().numpy() if output.audio is not None else None
+            rate = output.sampling_rate
         if args.units:
             print("units:", " ".join(map(str, units.tolist())))
         if args.output_wav:
             if waveform is None:
-                print("[llama-omni] this checkpoint has no vocoder: no speech written", file=sys.stderr)
+                print("[llama-omni] this checkpoint has no vocoder / token-to-wave decoder: no speech written",
+                      file=sys.stderr)
                 continue
             target = Path(args.output_wav)
             if len(args.audio) > 1:
                 target = target.with_name(f"{target.stem}_{index}{target.suffix}")
-            soundfile.write(target, waveform, 16000)
-            print(f"[llama-omni] speech answer written to {target} ({len(waveform) / 16000:.2f} s)", file=sys.stderr)
+            soundfile.write(target, waveform, rate)
+            print(f"[llama-omni] speech answer written to {target} ({len(waveform) / rate:.2f} s at {rate} Hz)",
+                  file=sys.stderr)
     return 0
 
 
@@ -111,18 +123,25 @@ def main(argv=None) -> int:
     answer.add_argument("--top-p", type=float, default=1.0)
     answer.add_argument("--stream", action="store_true", help="print the text as it is generated")
     answer.add_argument("--chunk-size", type=int, default=10, help="Omega: units per vocoded chunk when streaming")
+    answer.add_argument("--speaker", default=None,
+                        help="LLaMA-Omni2 only: the voice (e.g. en, zh; default: the checkpoint's default voice)")
     answer.add_argument("--units", action="store_true", help="also print the speech units")
     answer.add_argument("--output-wav", default=None, help="write the spoken answer here (needs a vocoder)")
     tiny = commands.add_parser("tiny", help="write a tiny random-weight checkpoint repo")
     tiny.add_argument("output_dir")
-    tiny.add_argument("--no-vocoder", action="store_true")
+    tiny.add_argument("--omni2", action="store_true", help="a LLaMA-Omni2 checkpoint (default: LLaMA-Omni)")
+    tiny.add_argument("--no-vocoder", action="store_true", help="text + units only")
     args = parser.parse_args(argv)
     try:
         if args.command == "answer":
             return _answer(args)
-        from .tiny import build_tiny_checkpoint
+        from .tiny import build_tiny_checkpoint, build_tiny_omni2_checkpoint
 
-        print(f"tiny checkpoint written to {build_tiny_checkpoint(args.output_dir, vocoder=not args.no_vocoder)}")
+        if args.omni2:
+            path = build_tiny_omni2_checkpoint(args.output_dir, token2wav=not args.no_vocoder)
+        else:
+            path = build_tiny_checkpoint(args.output_dir, vocoder=not args.no_vocoder)
+        print(f"tiny checkpoint written to {path}")
         return 0
     except (ValueError, OSError) as error:  # bad audio, bad model path: one readable line, no traceback
         print(f"llama-omni: error: {error}", file=sys.stderr)

@@ -108,3 +108,43 @@ def test_bad_options_fail_before_generating(options, message, tiny_checkpoint, q
 def test_missing_model_directory_is_named(question_wav, capsys):
     code = main(["answer", str(question_wav), "--model", "./no/such/model"])
     assert code == 2 and "model directory not found: ./no/such/model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def omni2_checkpoint(tmp_path_factory):
+    from llama_omni_hf.tiny import build_tiny_omni2_checkpoint
+
+    return build_tiny_omni2_checkpoint(tmp_path_factory.mktemp("cli-omni2") / "omni2")
+
+
+def test_answer_with_a_llama_omni2_checkpoint_writes_24khz_speech_in_the_chosen_voice(omni2_checkpoint, question_wav,
+                                                                                       capsys, tmp_path):
+    """The same command for the other family: text, units and the 24 kHz answer equal the model called directly
+    with the same voice (greedy TTS is not a CLI option, so both sides seed the global RNG the same way)."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(omni2_checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(omni2_checkpoint, trust_remote_code=True)
+    samples, rate = sf.read(question_wav, dtype="float32")
+    inputs = processor(audio=samples, sampling_rate=rate, return_tensors="pt")
+    torch.manual_seed(7)
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=int(MAX_NEW_TOKENS), return_dict_in_generate=True,
+                         return_audio=True, speaker="zh")
+    text = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    wav = tmp_path / "answer.wav"
+    torch.manual_seed(7)
+    code = main(["answer", str(question_wav), "--model", str(omni2_checkpoint), "--max-new-tokens", MAX_NEW_TOKENS,
+                 "--units", "--speaker", "zh", "--output-wav", str(wav)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out == f"{text}\nunits: {' '.join(map(str, out.units[0].tolist()))}\n"
+    written, written_rate = sf.read(wav, dtype="float32")
+    assert written_rate == 24000 and len(written) == len(out.audio[0]) > 0
+    np.testing.assert_allclose(written, out.audio[0].numpy(), atol=1e-4)  # 16-bit PCM
+    assert main(["answer", str(question_wav), "--model", str(omni2_checkpoint), "--speaker", "fr"]) == 2
+    assert "unknown speaker 'fr'" in capsys.readouterr().err
+
+
+def test_speaker_is_refused_for_a_llama_omni_checkpoint(tiny_checkpoint, question_wav, capsys):
+    assert main(["answer", str(question_wav), "--model", str(tiny_checkpoint), "--speaker", "en"]) == 2
+    assert "--speaker chooses a LLaMA-Omni2 voice" in capsys.readouterr().err
