@@ -70,6 +70,7 @@ class _TTSRow:
     last_tts_token: int | None = None  # emitted by the last write, not yet fed back
     count: int = 0  # text tokens seen (the original's `cur`)
     tts_token_ids: list = field(default_factory=list)
+    write_ends: list = field(default_factory=list)  # len(tts_token_ids) after each write
     units: list = field(default_factory=list)
     finished: bool = False
 
@@ -386,6 +387,7 @@ class LlamaOmni2ForConditionalGeneration(LlamaOmni2PreTrainedModel, GenerationMi
         if not state.reprefill:
             row.last_tts_token = written[-1]  # fed back at the next write, as the original's context holds it
         self._emit(state, index, written[emitted:])
+        row.write_ends.append(len(row.tts_token_ids))
 
     def _emit(self, state: LlamaOmni2TTSState, index: int, tts_ids: list[int]):
         if not tts_ids:
@@ -406,11 +408,25 @@ class LlamaOmni2ForConditionalGeneration(LlamaOmni2PreTrainedModel, GenerationMi
         if unit_parse == "offset":
             return [t - cfg.unit_token_offset for t in tts_ids
                     if cfg.unit_token_offset <= t < cfg.unit_token_offset + cfg.unit_vocab_size]
-        numbers = [int(n) for n in re.findall(r"\d+", tts_tokenizer.decode(tts_ids, skip_special_tokens=True))]
+        return self._numbers_to_units(tts_tokenizer.decode(tts_ids, skip_special_tokens=True))
+
+    def _offline_units(self, state: LlamaOmni2TTSState, row: _TTSRow) -> list[int]:
+        """A row's units as the original returns them offline: with the regex, it joins every write's decoded
+        text and parses the whole string once (Q15), so digit text tokens on both sides of a write boundary make
+        one number, where the per-write stream sees two."""
+        if state.unit_parse != "regex":
+            return row.units
+        bounds = zip([0] + row.write_ends[:-1], row.write_ends)
+        return self._numbers_to_units("".join(
+            state.tts_tokenizer.decode(row.tts_token_ids[a:b], skip_special_tokens=True) for a, b in bounds))
+
+    def _numbers_to_units(self, text: str) -> list[int]:
+        cfg = self.config
+        numbers = [int(n) for n in re.findall(r"\d+", text)]
         invalid = [n for n in numbers if n >= cfg.unit_vocab_size]
         if invalid:  # the original would index past the flow's embedding and crash
             warnings.warn(f"unit_parse='regex' read numbers beyond the {cfg.unit_vocab_size} units from sampled text "
-                          f"tokens ({invalid[:5]}); they are dropped", stacklevel=2)
+                          f"tokens ({invalid[:5]}); they are dropped", stacklevel=3)
         return [n for n in numbers if n < cfg.unit_vocab_size]
 
     # --- generation ---
@@ -471,7 +487,8 @@ class LlamaOmni2ForConditionalGeneration(LlamaOmni2PreTrainedModel, GenerationMi
         if not return_units:
             return LlamaOmni2GenerateOutput(**fields)
         device = answers.device
-        units = [torch.tensor(row.units, dtype=torch.long, device=device) for row in tts_stream.rows]
+        units = [torch.tensor(self._offline_units(tts_stream, row), dtype=torch.long, device=device)
+                 for row in tts_stream.rows]
         tts_ids = [torch.tensor(row.tts_token_ids, dtype=torch.long, device=device) for row in tts_stream.rows]
         if return_audio is None:
             return_audio = self.token2wav is not None
