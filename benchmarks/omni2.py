@@ -28,7 +28,7 @@ Random weights answer noise, which is fine for timing with three adjustments:
   more write (the per-write figures below).
 
 Measured (medians; wall-clock `time.perf_counter`, process CPU time next to it where it matters):
-1. Whole answers of `--answer-tokens` (24) tokens, `--repeats` (2) rounds after one short warm-up of each path; each
+1. Whole answers of `--answer-tokens` (24) tokens, `--repeats` (3) rounds after one short warm-up of each path; each
    round runs, in turn: text only (`generate(return_units=False)`), text + units (`generate(return_audio=False)`,
    the TTS written every R=3 tokens, W=10), and text + speech streamed (`generate_stream` with the token-to-wave
    decoder in its incremental mode). Every run starts from the processor's outputs (the encoder is inside it).
@@ -53,6 +53,7 @@ Nothing here asserts on timings; the tests never run this script.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -279,7 +280,7 @@ def bench_answers(model, inputs, n_tokens, repeats, device, timer: WriteTimer):
             timer.take()
             sync(device)
             cpu, start = time.process_time(), time.perf_counter()
-            first_token = first_audio = None
+            first_token = first_audio = first_token_cpu = first_audio_cpu = None
             tokens = units = samples = 0
             tokens_at_audio = units_at_audio = None
             stream = model.generate_stream(**inputs, **{**gen, "max_new_tokens": n, "min_new_tokens": n}, **tts)
@@ -289,9 +290,10 @@ def bench_answers(model, inputs, n_tokens, repeats, device, timer: WriteTimer):
                     tokens += len(chunk.token_ids)
                     units += len(chunk.units)
                     if first_token is None and len(chunk.token_ids):
-                        first_token = now
+                        first_token, first_token_cpu = now, time.process_time() - cpu
                     if first_audio is None and len(chunk.audio):
                         first_audio, tokens_at_audio, units_at_audio = now, tokens, units
+                        first_audio_cpu = time.process_time() - cpu
                     samples += len(chunk.audio)
             finally:
                 stream.close()
@@ -299,6 +301,7 @@ def bench_answers(model, inputs, n_tokens, repeats, device, timer: WriteTimer):
             writes = timer.take()
             return {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
                     "first_token_s": first_token, "first_audio_s": first_audio,
+                    "first_token_cpu_s": first_token_cpu, "first_audio_cpu_s": first_audio_cpu,
                     "tokens_at_first_audio": tokens_at_audio, "units_at_first_audio": units_at_audio,
                     "units": units, "audio_s": samples / rate, "writes": len(writes),
                     "first_write_s": writes[0]["wall_s"] if writes else None,
@@ -343,8 +346,11 @@ def bench_encoder(model, inputs, repeats, device):
     return samples
 
 
-def bench_tts_writes(model, n_writes, device, timer: WriteTimer, seed=0):
-    """`n_writes` writes of R=3 synthetic (state, token) pairs each, cached and re-prefilled streams in turn."""
+def bench_tts_writes(model, n_writes, device, timer: WriteTimer, seed=0, extra=2, targets=None):
+    """`n_writes` writes of R=3 synthetic (state, token) pairs each, cached and re-prefilled streams in turn. The
+    `targets` writes (default the first and the last) are also run `extra` times on deep copies of the stream
+    taken just before them (the same operations on the same shapes), for a median."""
+    targets = set(targets or (1, n_writes))
     cfg = model.config
     read = READ_WRITE[0]
     hidden, dtype = cfg.text_config.hidden_size, model.model.embed_tokens.weight.dtype
@@ -355,6 +361,7 @@ def bench_tts_writes(model, n_writes, device, timer: WriteTimer, seed=0):
     streams = {mode: model.init_tts_stream(1, eos, read_write=READ_WRITE, tts_do_sample=False,
                                            tts_reprefill=mode == "reprefill") for mode in ("cache", "reprefill")}
     records = {mode: [] for mode in streams}
+    repeated = {mode: {} for mode in streams}
     timer.take()
     log(f"TTS writes: {n_writes} with the KV cache and with re-prefill, in turn")
     with torch.no_grad():
@@ -362,17 +369,26 @@ def bench_tts_writes(model, n_writes, device, timer: WriteTimer, seed=0):
             order = ("cache", "reprefill") if k % 2 == 0 else ("reprefill", "cache")  # neither always goes second
             for mode in order:
                 state = streams[mode]
-                for j in range(k * read, (k + 1) * read):
+                for j in range(k * read, (k + 1) * read - 1):
                     model._tts_read(state, 0, states[j], tokens[j], False)
+                last = (k + 1) * read - 1  # this read writes
+                if k + 1 in targets:
+                    for _ in range(extra):
+                        model._tts_read(copy.deepcopy(state), 0, states[last], tokens[last], False)
+                    repeated[mode][str(k + 1)] = [{"wall_s": r["wall_s"], "cpu_s": r["cpu_s"]} for r in timer.take()]
+                model._tts_read(state, 0, states[last], tokens[last], False)
                 (record,) = timer.take()
                 record["write"] = k + 1
                 records[mode].append(record)
+                if k + 1 in targets:
+                    repeated[mode][str(k + 1)].append({"wall_s": record["wall_s"], "cpu_s": record["cpu_s"]})
             c, r = records["cache"][-1], records["reprefill"][-1]
             if k == 0 or (k + 1) % 5 == 0 or k + 1 == n_writes:
                 log(f"  write {k + 1}: cache {1000 * c['wall_s']:.0f} ms ({c['cached_positions']} cached), "
                     f"re-prefill {1000 * r['wall_s']:.0f} ms (prefill of {r['prefill_positions']} positions)")
     same = [c["ids"] == r["ids"] for c, r in zip(records["cache"], records["reprefill"])]
     return {"writes": records, "same_ids": same, "units_per_write": [len(c["ids"]) for c in records["cache"]],
+            "repeated_s": repeated, "extra_copies": extra,
             "fit": {mode: fit_line([(w["write"], w["wall_s"]) for w in ws]) for mode, ws in records.items()}}
 
 
@@ -385,16 +401,23 @@ def fit_line(points):
 
 
 def write_summary(tts, at):
+    """Per reported write: medians of the stream's own write and its copies, the fitted line, the shapes."""
     out = {}
     fit = tts["fit"]
     for write in at:
         c, r = tts["writes"]["cache"][write - 1], tts["writes"]["reprefill"][write - 1]
-        out[str(write)] = {
-            "fit_cache_s": fit["cache"] and fit["cache"]["a_s"] + fit["cache"]["b_s_per_write"] * write,
-            "fit_reprefill_s": fit["reprefill"] and fit["reprefill"]["a_s"] + fit["reprefill"]["b_s_per_write"] * write,
-            "cache_s": c["wall_s"], "reprefill_s": r["wall_s"], "cache_cpu_s": c["cpu_s"],
-                           "reprefill_cpu_s": r["cpu_s"], "reprefill_over_cache": r["wall_s"] / c["wall_s"],
-                           "cached_positions": c["cached_positions"], "prefill_positions": r["prefill_positions"]}
+        d = {}
+        for mode, rec in (("cache", c), ("reprefill", r)):
+            samples = tts["repeated_s"][mode][str(write)]
+            d[f"{mode}_s"] = median([x["wall_s"] for x in samples])
+            d[f"{mode}_cpu_s"] = median([x["cpu_s"] for x in samples])
+            d[f"{mode}_samples"] = len(samples)
+            d[f"{mode}_stream_s"] = rec["wall_s"]  # the stream's own write alone
+            d[f"fit_{mode}_s"] = fit[mode] and fit[mode]["a_s"] + fit[mode]["b_s_per_write"] * write
+        d["reprefill_over_cache"] = d["reprefill_s"] / d["cache_s"]
+        d["reprefill_over_cache_cpu"] = d["reprefill_cpu_s"] / d["cache_cpu_s"]
+        d["cached_positions"], d["prefill_positions"] = c["cached_positions"], r["prefill_positions"]
+        out[str(write)] = d
     return out
 
 
@@ -418,18 +441,19 @@ def table_rows(report) -> list[tuple[str, str, str]]:
     n = s["answer_tokens"]
     r, w = s["read_write"]
     rows = [
-        ("speech encoder + adaptor (Whisper-large-v3)", _ms(encoder), "part of every first-token time below"),
+        ("speech encoder + adaptor (Whisper-large-v3)", _ms(encoder),
+         f"{_s(report['speech_encoder']['median_cpu_s'])} CPU; part of every first-token time below"),
         ("time to first text token", _ms(stream["first_token_s"]),
-         f"generate_stream; text only {_ms(text['first_token_s'])}; encoder + the {s['prompt_tokens']}-position "
-         "prefill"),
+         f"generate_stream; {_s(stream['first_token_cpu_s'])} CPU; text only {_ms(text['first_token_s'])}; "
+         f"encoder + the {s['prompt_tokens']}-position prefill"),
     ]
     if stream.get("first_audio_s") is None:
         rows.append((f"time to first audio, R={r}, W={w}", "none", f"only {stream['units']:.0f} units"))
     else:
         rows.append((f"time to first audio, R={r}, W={w}", _ms(stream["first_audio_s"]),
-                     f"{stream['tokens_at_first_audio']:.0f} text tokens, {stream['units_at_first_audio']:.0f} units "
-                     f"out; first TTS write {_ms(stream['first_write_s'])}, then the first token-to-wave call "
-                     f"({s['token2wav_dtype']})"))
+                     f"{_s(stream['first_audio_cpu_s'])} CPU; {stream['tokens_at_first_audio']:.0f} text tokens, "
+                     f"{stream['units_at_first_audio']:.0f} units out; first TTS write {_ms(stream['first_write_s'])}, "
+                     f"then the first token-to-wave call ({s['token2wav_dtype']})"))
     rows += [
         (f"text-only answer, {n} tokens", _s(text["total_s"]),
          f"generate(return_units=False); {text['step_ms']:.0f} ms per token after the first"),
@@ -450,12 +474,15 @@ def table_rows(report) -> list[tuple[str, str, str]]:
             fitted = (f"; line fitted to all {s['writes']} writes: {_ms(d['fit_cache_s'])} vs "
                       f"{_ms(d['fit_reprefill_s'])} ({d['fit_reprefill_s'] / d['fit_cache_s']:.2f}x)")
         rows.append((f"TTS write {write}: KV cache vs re-prefill", f"{_ms(d['cache_s'])} vs {_ms(d['reprefill_s'])}",
-                     f"measured {d['reprefill_over_cache']:.2f}x; the re-prefill's first pass reads "
-                     f"{d['prefill_positions']} positions, the cache holds {d['cached_positions']}{fitted}"))
+                     f"{d['reprefill_over_cache']:.2f}x wall, {d['reprefill_over_cache_cpu']:.2f}x CPU (median of "
+                     f"{d['cache_samples']}); the re-prefill's first pass reads {d['prefill_positions']} positions, "
+                     f"the cache holds {d['cached_positions']}{fitted}"))
     rows.append((f"TTS write {s['writes']} / write 1", f"{last['cache_s'] / first['cache_s']:.2f}x cache, "
                  f"{last['reprefill_s'] / first['reprefill_s']:.2f}x re-prefill",
-                 f"measured; sum over {s['writes']} writes: cache {_s(report['tts_writes']['total_s']['cache'])}, "
-                 f"re-prefill {_s(report['tts_writes']['total_s']['reprefill'])}"))
+                 f"wall; CPU {last['cache_cpu_s'] / first['cache_cpu_s']:.2f}x and "
+                 f"{last['reprefill_cpu_s'] / first['reprefill_cpu_s']:.2f}x; sum over the {s['writes']} writes of "
+                 f"the two streams: cache {_s(report['tts_writes']['total_s']['cache'])}, re-prefill "
+                 f"{_s(report['tts_writes']['total_s']['reprefill'])}"))
     v1 = report["peers"].get("v1_mid_cpu")
     if v1:
         rows.append(("peer: LLaMA-Omni v1, mid size (CPU)",
@@ -513,15 +540,18 @@ def markdown(report, rows) -> str:
         f"threads). The text-only and text+units answers are the same tokens (checked: "
         f"{report['answers']['same_answer']}).",
         "- First text token / first audio: from calling `generate_stream` to the first chunk carrying token ids / "
-        "audio samples. The first audio needs R text tokens, one TTS write and the first token-to-wave call; "
+        "audio samples; CPU = process CPU time (all threads) over the same span, less disturbed by other jobs "
+        "than wall time. The first audio needs R text tokens, one TTS write and the first token-to-wave call; "
         "TTS writes are timed in place by a wrapper on the model's `_tts_write`.",
         f"- TTS per write: {s['writes']} writes driven directly (`init_tts_stream`, then `_tts_read` 3 times per "
         "write with random LLM-state-sized vectors and random text ids; the third read writes), once with the KV "
         "cache (ours: each write reads the new positions only) and once with `tts_reprefill=True` (the original: "
         "each write re-runs the TTS over its whole context, then decodes with a cache inside the write), the two "
-        "advanced write by write in turn on identical inputs (which goes first alternates). One sample per write "
-        "(a write changes the stream), so a straight line a + b k is also fitted to each mode's writes; every write "
-        "emits 10 units. "
+        "advanced write by write in turn on identical inputs (which goes first alternates); every write emits 10 "
+        f"units. Write 1 and write {s['writes']} are also run {tts['extra_copies']} more times on deep copies of "
+        "the stream taken just before them (the same operations on tensors of the same shapes), and the table gives "
+        f"the median of those {tts['extra_copies'] + 1}; a straight line a + b k fitted to each stream's own "
+        "writes is given as a check (single samples under load are noisy). "
         f"Both wrote the same ids in {same} of {len(tts['same_ids'])} writes (bf16 rounds a cached and a "
         "re-prefilled pass differently; the costs do not depend on the ids).",
         "- Peers are not re-run: LLaMA-Omni v1's release size (8B) does not fit this CPU's budget; its row is the "
@@ -567,7 +597,8 @@ def run(args, device=None, dtype_name=None, config_kwargs=None, token2wav_config
     report["answers"] = bench_answers(model, inputs, args.answer_tokens, args.repeats, device, timer)
     report["load_average"]["after_answers"] = load_average()
     encoder = bench_encoder(model, inputs, args.repeats, device)
-    report["speech_encoder"] = {"samples": encoder, "median_s": median([t["wall_s"] for t in encoder])}
+    report["speech_encoder"] = {"samples": encoder, "median_s": median([t["wall_s"] for t in encoder]),
+                                "median_cpu_s": median([t["cpu_s"] for t in encoder])}
     tts = bench_tts_writes(model, args.writes, device, timer, args.seed)
     tts["summary"] = write_summary(tts, sorted({1, args.writes}))
     tts["total_s"] = {mode: sum(w["wall_s"] for w in ws) for mode, ws in tts["writes"].items()}
@@ -586,14 +617,14 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="encoder, LLM and TTS (the token-to-wave decoder stays fp32)")
     parser.add_argument("--answer-tokens", type=int, help="forced answer length (default 24, quick 6)")
-    parser.add_argument("--repeats", type=int, help="rounds of answers / encoder samples (default 2, quick 1)")
+    parser.add_argument("--repeats", type=int, help="rounds of answers / encoder samples (default 3, quick 1)")
     parser.add_argument("--writes", type=int, help="TTS writes per stream (default 30, quick 3)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def resolve_defaults(args):
     args.answer_tokens = args.answer_tokens or (6 if args.quick else 24)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     args.writes = args.writes or (3 if args.quick else 30)
     return args
 
