@@ -48,9 +48,9 @@ class Omni2Sizes:
     n_audio_layer: int = 2
     n_text_layer: int = 1
     n_vocab_whisper: int = 100
-    # adaptor (2048 in the release) and the TTS Qwen2
+    # adaptor (2048 hard-coded in the original's EncoderProjectorConcat, so at every size) and the TTS Qwen2
     ds_rate: int = 5
-    adaptor_hidden: int = 96
+    adaptor_hidden: int = 2048
     tts_hidden: int = 32
     tts_layers: int = 2
     tts_heads: int = 2
@@ -206,7 +206,12 @@ RELEASE_SYSTEM_PROMPT = "You are a helpful speech assistant from a fake LLaMA-Om
 
 def as_released_tokenizer_files(directory: Path, chat_template: str | None = None):
     """tokenizer_config.json as transformers 4.43 wrote it: Qwen2Tokenizer, no BOS, the chat template inside (no
-    chat_template.jinja)."""
+    chat_template.jinja); and the slow tokenizer's vocab.json / merges.txt beside tokenizer.json (the original
+    loads `use_fast=False`)."""
+    model = json.loads((directory / "tokenizer.json").read_text())["model"]
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     path = directory / "tokenizer_config.json"
     data = json.loads(path.read_text())
     data.pop("backend", None)

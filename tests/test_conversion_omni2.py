@@ -304,7 +304,7 @@ def test_config_fields(fake, converted, converted_untied):
     assert config["tts_sep_token_id"] == fake.ids["sep"] and config["tts_eos_token_id"] == fake.ids["tts_eos"]
     assert config["unit_token_offset"] == fake.ids["unit_offset"] == fake.ids["sep"] + 1
     assert config["unit_vocab_size"] == UNITS and config["unit_parse"] == "offset"
-    assert config["speech_adaptor_downsample_rate"] == 5 and config["speech_adaptor_hidden_size"] == 96
+    assert config["speech_adaptor_downsample_rate"] == 5 and config["speech_adaptor_hidden_size"] == 2048
     text, tts, enc = config["text_config"], config["tts_config"], config["speech_encoder_config"]
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                 "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "max_window_layers"):
