@@ -261,11 +261,10 @@ def build_generation_config(checkpoint: Path, tokenizer, text_config):
             raise ConversionError(f"cannot read {path}: {str(err).splitlines()[0][:300]}") from None
         how = "the release's generation_config.json"
     else:
-        vocab = tokenizer.get_vocab()
-        eos = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
-        generation = GenerationConfig(bos_token_id=text_config.bos_token_id,
-                                      eos_token_id=eos or text_config.eos_token_id)
-        how = "no generation_config.json in the release: Qwen2.5-Instruct's EOS ids (<|im_end|>, <|endoftext|>)"
+        # the original (transformers 4.43) then builds it with `from_model_config`: config.json's bos/eos only,
+        # so it stops at <|im_end|> alone
+        generation = GenerationConfig(bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id)
+        how = "no generation_config.json in the release: config.json's EOS id, as the original's from_model_config"
     for key, value in RUN_SCRIPT_GENERATION.items():
         setattr(generation, key, value)
     generation.pad_token_id = tokenizer.pad_token_id

@@ -343,7 +343,8 @@ def test_generation_config_merge(converted, converted_untied, fake):
     assert "temperature" not in ours and "top_p" not in ours and "top_k" not in ours
     assert ours["pad_token_id"] == fake.ids["endoftext"]
     missing = json.loads((converted_untied[0] / "generation_config.json").read_text())
-    assert missing["eos_token_id"] == [fake.ids["im_end"], fake.ids["endoftext"]]  # Qwen2.5's [151645, 151643]
+    # without the file the original's 4.43 generate uses GenerationConfig.from_model_config: config.json's eos only
+    assert missing["eos_token_id"] == fake.ids["im_end"] and missing["bos_token_id"] == fake.ids["endoftext"]
     assert missing["do_sample"] is False and missing["max_new_tokens"] == 256 and "repetition_penalty" not in missing
 
 
