@@ -17,6 +17,14 @@ that continue that request's own cache, and a mask that lets query q of row b se
 [0, past_b + q] of its own slot. Windows due for vocoding are vocoded in one padded vocoder call too (the
 vocoder zeroes padded frames before every convolution, so each item gets what it would get alone).
 
+Which rows to feed (what `generate` feeds its unit stream): per answer, the final-norm state of the last prompt
+token, then that of each generated token except the last one: one row per generated token, the row that
+predicted EOS included, no other prompt rows (a serving engine's prefill yields one per prompt token: keep the
+last). `finished` flushes the vocoder's held-back look-ahead and removes the request; a request that goes away
+without it (a disconnected client) is `remove`d. Memory: the slab holds slots x the longest active request's
+capacity (doubling) x 2 layers x keys and values: 32 KB per position in bf16 at the released size (4096 wide),
+25 positions per text token; it is freed when no request is active.
+
 Results equal, per request, the in-process path: the units of `LlamaOmniUnitStreamState` (`generate`'s
 `.units`), and the audio of `vocoder.init_stream` / `stream` fed the same unit increments, up to float
 rounding (a padded batch sums in another order: ~1e-7 in fp32; argmax ties within that can flip).
@@ -136,6 +144,10 @@ class BatchedUnit2Wav:
         self.blank_id = self.unit_decoder.blank_id
         self.hidden_size = self.unit_decoder.input_proj.in_features
         self.sampling_rate = self.vocoder.config.sampling_rate if self.vocoder is not None else None
+        if self.vocoder is not None and self.vocoder.config.num_embeddings < self.blank_id:
+            # CTC units lie in [0, unit_vocab_size): checked once here instead of at every vocoder call
+            raise ValueError(f"the vocoder embeds {self.vocoder.config.num_embeddings} units but the unit decoder "
+                             f"emits {self.blank_id}")
         self.vocoder_left_context, self.vocoder_lookahead = vocoder_left_context, vocoder_lookahead
         self._requests: dict[object, _Request] = {}
         self._free_slots: list[int] = []
@@ -251,15 +263,14 @@ class BatchedUnit2Wav:
         cache = _BatchCache(self._slab, slots, src_row.to(device), src_query.to(device), slots[src_row].to(device),
                             dst_pos.to(device), kv_len)
         # positions continue each request's own cache (the decoder's positions start at 0 per answer)
-        query = torch.arange(q_len)
-        position_ids = (past[:, None] + query[None]).to(device)
-        # query q of row b sees keys [0, past_b + q]; padded queries see their row's real keys (no NaN rows)
-        key = torch.arange(kv_len)
-        allowed = (key[None, None] <= (past[:, None] + query[None])[..., None]) & (
-            key[None, None] < (past + new)[:, None, None])
-        allowed |= key[None, None] == 0
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        mask = mask[:, None].to(device)  # [B, 1, q_len, kv_len]
+        past, end = past.to(device), (past + new).to(device)
+        position_ids = past[:, None] + torch.arange(q_len, device=device)[None]  # [B, q_len]
+        # query q of row b sees keys [0, past_b + q] of its own slot; padded queries see their row's real keys
+        # (a row that sees nothing would be NaN); the mask is built on the device (it is B x q_len x kv_len)
+        key = torch.arange(kv_len, device=device)[None, None]
+        allowed = ((key <= position_ids[..., None]) & (key < end[:, None, None])) | (key == 0)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]  # [B, 1, q_len, kv_len]
 
         hidden = decoder.input_proj(upsampled)
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
@@ -292,8 +303,6 @@ class BatchedUnit2Wav:
             state, final = self._requests[rid].vocoder_state, rid in finished
             if state.finished:
                 raise ValueError(f"request {rid!r}: its vocoder stream is finished")
-            if units:
-                vocoder._check_units(torch.tensor(units, dtype=torch.long, device=device)[None], None)
             state.units.extend(units)
             state.units_received += len(units)
             state.finished = final

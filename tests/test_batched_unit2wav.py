@@ -3,10 +3,12 @@
 import copy
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from llama_omni_hf import batched_unit2wav
 from llama_omni_hf.batched_unit2wav import BatchedUnit2Wav
 from llama_omni_hf.tiny import build_tiny_model_and_processor
 
@@ -83,8 +85,20 @@ def make_schedule(seed, num_requests, lengths):
 
 
 def run_engine(model, answers, schedule, ids, chunk_sizes, order=None, forwards=None):
-    """Drive a BatchedUnit2Wav through the schedule; per request (by index): list of (units, audio) per event."""
+    """Drive a BatchedUnit2Wav through the schedule; per request (by index): list of (units, audio) per event.
+    `forwards`: a counter of unit-decoder calls, checked to be one per step with rows."""
     engine = BatchedUnit2Wav(model)
+    vocoder_calls = [0]
+    hook = model.vocoder.register_forward_hook(lambda *args: vocoder_calls.__setitem__(0, vocoder_calls[0] + 1))
+    try:
+        outputs = _drive(engine, answers, schedule, ids, chunk_sizes, order, forwards, vocoder_calls)
+    finally:
+        hook.remove()
+    assert engine.num_active == 0
+    return outputs
+
+
+def _drive(engine, answers, schedule, ids, chunk_sizes, order, forwards, vocoder_calls):
     added, outputs = set(), {r: [] for r in range(len(ids))}
     for step in schedule:
         for r in step:
@@ -94,15 +108,15 @@ def run_engine(model, answers, schedule, ids, chunk_sizes, order=None, forwards=
         members = order(list(step)) if order else list(step)
         batch = {ids[r]: answers[r][0][slice(*step[r][0])] for r in members}
         finished = {ids[r] for r in members if step[r][1]}
-        before = forwards[0] if forwards else 0
+        before, vocoded_before = (forwards or [0])[0], vocoder_calls[0]
         result = engine.step(batch, finished)
         if forwards is not None:
             has_rows = any(len(rows) for rows in batch.values())
             assert forwards[0] - before == (1 if has_rows else 0)
+        assert vocoder_calls[0] - vocoded_before <= 1  # the windows due are vocoded in one call
         assert set(result) == set(batch)
         for r in members:
             outputs[r].append(result[ids[r]])
-    assert engine.num_active == 0
     return outputs
 
 
@@ -140,7 +154,15 @@ def count_forwards(model):
 
 
 @pytest.mark.parametrize("num_requests", [1, 4, 8])
-def test_interleaved_requests_equal_each_request_alone(model, answers, references, num_requests):
+def test_interleaved_requests_equal_each_request_alone(model, answers, references, num_requests, monkeypatch):
+    reads = []  # how the slab was read: a view of consecutive slots, or a gather
+    init = batched_unit2wav._BatchCache.__init__
+
+    def recording_init(self, *args):
+        init(self, *args)
+        reads.append("view" if isinstance(self.rows, slice) else "gather")
+
+    monkeypatch.setattr(batched_unit2wav._BatchCache, "__init__", recording_init)
     chunk_sizes = [[1, 3, 10][r % 3] for r in range(num_requests)]
     for seed in range(2):
         schedule = make_schedule(seed * 10 + num_requests, num_requests, [len(s) for s, _ in answers])
@@ -155,6 +177,8 @@ def test_interleaved_requests_equal_each_request_alone(model, answers, reference
         assert vocoded >= num_requests  # every request got audio
         print(f"{num_requests} requests, seed {seed}: {len(schedule)} steps, {counter[0]} unit-decoder forwards, "
               f"{vocoded} audio chunks, max |audio - alone| {worst:.2e}")
+    if num_requests > 1:
+        assert {"view", "gather"} <= set(reads)
 
 
 def test_several_rows_per_request_and_step(model, answers, references):
@@ -270,6 +294,20 @@ def test_eager_attention_matches_too(model, answers, references):
     check_against_alone(eager, answers, references, schedule, outputs, [3] * 4)
 
 
+def test_bfloat16_unit_decoder(model, answers):
+    """In bf16 (how a GPU serves it) the batched units equal the in-process bf16 path's on these answers (a bf16
+    near-tie could flip under the batch's other summation order; none occurs here)."""
+    half = copy.deepcopy(model)
+    half.unit_decoder.to(torch.bfloat16)
+    states = [s.bfloat16() for s, _ in answers]
+    expected = [sum(units_per_state(half, s), []) for s in states]
+    schedule = make_schedule(11, ANSWERS, [len(s) for s in states])
+    outputs = run_engine(half, [(s, None) for s in states], schedule, list(range(ANSWERS)), [10] * ANSWERS)
+    for r in range(ANSWERS):
+        assert sum((u for u, _ in outputs[r]), []) == expected[r]
+        assert all(audio.dtype == torch.float32 for _, audio in outputs[r])
+
+
 def test_checkpoint_without_vocoder_gives_units_only(answers):
     model, _ = build_tiny_model_and_processor(vocoder=False, seed=1)
     states = answers[1][0]
@@ -295,6 +333,9 @@ def test_clear_errors(model):
         engine.step({"zzz": torch.zeros(1, 64)})
     units, audio = engine.step({"a": torch.zeros(0, 64)})["a"]  # no rows: nothing new, no forward
     assert units == [] and audio.numel() == 0 and audio.dtype == torch.float32
+    small = SimpleNamespace(config=SimpleNamespace(num_embeddings=10, sampling_rate=16000))
+    with pytest.raises(ValueError, match="the vocoder embeds 10 units but the unit decoder emits 1000"):
+        BatchedUnit2Wav(SimpleNamespace(unit_decoder=model.unit_decoder, vocoder=small, config=model.config))
 
 
 def test_timing_batched_vs_per_request_loop(model):
