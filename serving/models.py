@@ -1,0 +1,23 @@
+"""The model architectures `serving` adds, registered in every process that vLLM or vllm-omni starts.
+
+Entry points (pyproject.toml): `vllm_omni.general_plugins` (vllm-omni's stage workers resolve architectures
+through their own OmniModelRegistry: a model only in vLLM's ModelRegistry is "not supported" there) and
+`vllm.general_plugins` (vLLM's config checks read its ModelRegistry). Registration is lazy ("module:Class"):
+nothing is imported until a stage loads the model, and registering twice is harmless.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURES = {
+    # A plain Llama as a vllm-omni stage model: the smoke check's (serving/smoke.py)
+    "LlamaOmniSmokeForCausalLM": "serving.smoke:SmokeLlamaForCausalLM",
+}
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm_omni.model_executor.models.registry import OmniModelRegistry
+
+    for registry in (ModelRegistry, OmniModelRegistry):
+        for architecture, target in ARCHITECTURES.items():
+            registry.register_model(architecture, target)
