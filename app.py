@@ -2,6 +2,7 @@
 
     python app.py [--model DIR_OR_HUB_ID|tiny-omni2] [--device auto] [--dtype auto] [--share]
                   [--server-name 0.0.0.0] [--server-port 7860]
+    python app.py --backend http://127.0.0.1:8000   # answers from a LLaMA-Omni server on vLLM-Omni (issue 12)
 
 One process (the original needs a controller, a worker and a web server). It serves either family, told
 apart by the loaded config's `model_type`: LLaMA-Omni ("llama_omni", 16 kHz speech, chunk size Ω) and
@@ -9,6 +10,8 @@ LLaMA-Omni2 ("llama_omni2", 24 kHz speech, a voice). Without `--model` (or `LLAM
 embedded tiny LLaMA-Omni checkpoint with RANDOM weights, and `--model tiny-omni2` the tiny LLaMA-Omni2 one:
 the pipeline is real (streaming text, streaming speech, latencies, multi-turn), the answers are noise. The
 same file is the entry of a Hugging Face Space (ZeroGPU through the `spaces` package when it is installed).
+With `--backend URL` (or `LLAMA_OMNI_BACKEND`) nothing is loaded in-process: the same page streams the text and
+speech of a vLLM-Omni server's `/v1/chat/completions` (llama_omni_hf/omni_client.py), many users at once.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import wave
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import gradio as gr
 import numpy as np
 
 from llama_omni_hf.audio_io import AudioFileError, load_audio
 from llama_omni_hf.cli import load_model
+from llama_omni_hf.omni_client import OmniClient, OmniServerError, ServerHTTPError
 
 try:  # ZeroGPU Spaces: a GPU is attached while an answer streams; elsewhere a no-op
     import spaces
@@ -53,6 +58,7 @@ TINY_BANNER = (
     "stream and the latencies are measured, but the answers are noise. Run `python app.py --model "
     "<converted checkpoint directory or hub id>` (or set `LLAMA_OMNI_MODEL`) for real answers."
 )
+BACKEND_CONCURRENCY = 16  # answers streamed at once with --backend: the server batches them (the queue holds 32)
 
 
 def family(model) -> str:
@@ -110,7 +116,8 @@ class Update:
         spoken = self.samples / self.rate if self.rate else 0.0
         parts = [f"first text {seconds(self.first_text)}", f"first audio {seconds(self.first_audio)}",
                  f"{self.tokens} tokens and {spoken:.1f} s of speech in {self.elapsed:.1f} s",
-                 *([self.setting] if self.setting else []), f"context {self.context}/{max_context}"]
+                 *([self.setting] if self.setting else []),
+                 f"context {self.context}" + (f"/{max_context}" if max_context else "")]
         return ("*Latency: " + " · ".join(parts) + (" · stopped*" if stopped else "*")
                 + (f"\n\n**Note:** {note}" if note else ""))
 
@@ -218,6 +225,94 @@ class Assistant:
                     yield replace(update)  # a snapshot: callers may keep it
 
 
+class RemoteAssistant:
+    """The Assistant's part of the app answered by a LLaMA-Omni server on vLLM-Omni (`--backend URL`, issue 12).
+
+    Nothing is loaded here: each question goes, with the conversation so far (earlier questions as audio, earlier
+    answers as text), to the server's `/v1/chat/completions`, and its streamed text and speech come back as
+    `Update`s. The server's deploy config sets the chunk size Ω and the voice; temperature, top-p and max new
+    tokens go with each question. `max_context` is the server's `max_model_len` (None: it did not say), and the
+    server, not the app, refuses a conversation that no longer fits.
+    """
+
+    omni2, speakers, default_speaker = False, [], None  # the page shows no Ω and no voice: the server's settings
+    speech_positions = 300  # what one spoken question takes in LLaMA-Omni's prompt (speech_tokens_per_audio)
+    read_question = staticmethod(Assistant.read_question)
+
+    def __init__(self, client: OmniClient):
+        self.client, self.name, self.model, self.max_context, self.unreachable = client, "LLaMA-Omni", None, None, ""
+        self.refresh()
+
+    @property
+    def trained_context(self):
+        return self.max_context
+
+    def refresh(self):
+        """Ask the server which model it serves and its context (`/v1/models`); remember why if it did not say."""
+        try:
+            card = next(iter(self.client.models()), {})
+        except OmniServerError as error:
+            self.unreachable = str(error)
+            return
+        self.model, self.max_context, self.unreachable = card.get("id"), card.get("max_model_len"), ""
+
+    def banner(self) -> str:
+        if self.unreachable:
+            return (f"**Answers come from the LLaMA-Omni server at {self.client.url}, which did not answer when the "
+                    f"app started** ({self.unreachable}). Questions are sent to it once it is up; nothing is loaded "
+                    "in this process.")
+        context = f", {self.max_context} positions of context" if self.max_context else ""
+        return (f"**Answers come from the LLaMA-Omni server at {self.client.url}** (model `{self.model}`{context}). "
+                "Nothing is loaded in this process; the server's deploy config sets the chunk size Ω and the voice.")
+
+    def context_info(self, used: int = 0) -> str:
+        limit = f"of {self.max_context} positions (the server's limit)" if self.max_context else "positions used"
+        return (f"Context: {used} {limit}. Each spoken question takes {self.speech_positions} positions plus its "
+                "prompt and answer; when the conversation no longer fits, the server says so: then press “New "
+                "conversation”.")
+
+    def answer(self, history: list[Turn], samples: np.ndarray, rate: int, settings: Settings,
+               started: float | None = None):
+        """Stream one answer from the server as `Update`s. Closing this generator closes the connection, which
+        makes the server abort the request."""
+        started = time.perf_counter() if started is None else started
+        if np.abs(samples).max() < 1e-4:  # as the processor (in-process): no request for a silent question
+            raise ValueError("the question is silent (peak below 1e-4): there is no speech to answer")
+        if self.unreachable:
+            self.refresh()  # the server may have come up since: its context limit for the latency line
+        stream = self.client.stream(history, samples, rate, temperature=settings.temperature, top_p=settings.top_p,
+                                    max_tokens=settings.max_new_tokens)
+        update = Update("", np.zeros(0, np.float32), None, None, 0.0, 0, 0, 0,
+                        setting=f"via {urlsplit(self.client.url).netloc}")
+        with closing(self._full_conversation_hint(stream)) as chunks:  # closing it closes the client's stream
+            for chunk in chunks:
+                now = time.perf_counter() - started
+                update.text, update.audio = update.text + chunk.text, chunk.audio
+                update.rate = chunk.sampling_rate or update.rate  # the rate the server's audio chunks state
+                # the server's count (usage); without it, one token per text delta (vLLM's stream_interval 1)
+                update.tokens = chunk.completion_tokens if chunk.completion_tokens is not None else (
+                    update.tokens + bool(chunk.text))
+                update.samples += len(chunk.audio)
+                if update.first_text is None and update.text.strip():
+                    update.first_text = now
+                if update.first_audio is None and len(chunk.audio):
+                    update.first_audio = now
+                update.elapsed, update.done = now, chunk.is_final
+                update.context = (chunk.prompt_tokens or 0) + update.tokens
+                if chunk.text or len(chunk.audio) or chunk.is_final:
+                    yield replace(update)
+
+    @staticmethod
+    def _full_conversation_hint(stream):
+        """vLLM refuses a prompt over max_model_len ("maximum context length"): say what to do, as in-process."""
+        try:
+            yield from stream
+        except ServerHTTPError as error:
+            if "context length" not in error.message:
+                raise
+            raise OmniServerError(f"{error} This conversation is full: press “New conversation”.") from None
+
+
 def pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2")
 
@@ -242,7 +337,9 @@ def chat_messages(history: list[Turn], path: str | None = None, text: str | None
     return messages
 
 
-def context_info(assistant: Assistant, used: int = 0) -> str:
+def context_info(assistant: Assistant | RemoteAssistant, used: int = 0) -> str:
+    if isinstance(assistant, RemoteAssistant):
+        return assistant.context_info(used)
     trained = " (what the released model was trained on)" if assistant.max_context == assistant.trained_context else ""
     return (f"Context: {used} of {assistant.max_context} positions{trained}. Each spoken question takes "
             f"{assistant.speech_positions} positions plus "
@@ -265,6 +362,7 @@ class Handlers:
         stop.clear()
         settings = Settings(int(chunk_size), float(temperature), float(top_p), int(max_new_tokens),
                             speaker=voice or None)
+        update = None
         try:
             if not path:
                 raise ValueError("No question yet: record one with the microphone or upload an audio file.")
@@ -282,9 +380,11 @@ class Handlers:
                     yield chat_messages(history, path, update.text or "…", meta), audio, history, gr.skip(), gr.skip()
                     if stop.is_set():
                         break  # leaving the `with` closes the stream: generation ends at its next step
-        except ValueError as error:  # no, unreadable, empty or silent audio; a full conversation
+        except (ValueError, OmniServerError) as error:  # bad audio; a full conversation; --backend: the server's
             gr.Warning(str(error))  # a toast, and a notice under the conversation that is not part of it
-            notice = {"role": "assistant", "content": f"**Cannot answer:** {error}"}
+            said = CONTROL_CHARACTERS.sub("", update.text) if update is not None else ""  # a server that broke off
+            notice = {"role": "assistant", "content": f"{said}\n\n**The answer broke off:** {error}" if said
+                      else f"**Cannot answer:** {error}"}
             yield chat_messages(history) + [notice], gr.skip(), history, gr.skip(), None
             return
         meta = update.meta(self.assistant.max_context, note, stopped=not update.done)
@@ -308,12 +408,14 @@ class Handlers:
         return [], [], None, context_info(self.assistant), None
 
 
-def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 1) -> gr.Blocks:
-    @gpu  # plain-data arguments and results: ZeroGPU runs this in a worker process
+def build_demo(assistant: Assistant | RemoteAssistant, banner: str = "", concurrency_limit: int = 1) -> gr.Blocks:
+    remote = isinstance(assistant, RemoteAssistant)
+
     def generate(history, samples, rate, settings, started):
         yield from assistant.answer(history, samples, rate, settings, started)
 
-    handlers = Handlers(assistant, generate)
+    # plain-data arguments and results: ZeroGPU runs the in-process answer in a worker process with a GPU
+    handlers = Handlers(assistant, generate if remote else gpu(generate))
     with gr.Blocks(title=assistant.name) as demo:
         gr.Markdown(f"# {assistant.name}\nAsk a question out loud: the answer's text appears and its speech plays "
                     "while the model is still generating. Earlier turns stay in the conversation.")
@@ -339,7 +441,8 @@ def build_demo(assistant: Assistant, banner: str = "", concurrency_limit: int = 
                 with gr.Accordion("Generation settings", open=False):
                     chunk_size = gr.Slider(1, 500, Settings.chunk_size, step=1, label="Chunk size Ω (units)",
                                            info="Units per vocoder call: smaller = earlier first audio, more calls",
-                                           visible=not assistant.omni2, elem_id="chunk-size")  # LLaMA-Omni only
+                                           visible=not assistant.omni2 and not remote,  # LLaMA-Omni in-process
+                                           elem_id="chunk-size")
                     # LLaMA-Omni2's voices (the token-to-wave's speaker x-vectors); ignored by LLaMA-Omni
                     voice = gr.Dropdown(assistant.speakers, value=assistant.default_speaker, label="Voice",
                                         info="The speaker of the spoken answer", elem_id="voice",
@@ -379,11 +482,34 @@ def parse_args(argv=None):
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--server-name", default=None, help="e.g. 0.0.0.0 to listen on every interface")
     parser.add_argument("--server-port", type=int, default=None)
+    parser.add_argument("--backend", default=os.environ.get("LLAMA_OMNI_BACKEND") or None, metavar="URL",
+                        help="answer from a LLaMA-Omni server on vLLM-Omni (its OpenAI-compatible "
+                             "/v1/chat/completions, e.g. http://127.0.0.1:8000) instead of loading a model here; "
+                             "env LLAMA_OMNI_BACKEND")
+    parser.add_argument("--backend-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="--backend: the longest wait for the server's next piece of an answer (default 120)")
     return parser.parse_args(argv)
+
+
+def serve_backend(args):
+    """`--backend URL`: the page, answered by the server; no model, no torch work in this process."""
+    if args.model:
+        print(f"[llama-omni] --backend {args.backend}: the server answers; --model/LLAMA_OMNI_MODEL ({args.model}) "
+              "is not loaded", file=sys.stderr)
+    try:
+        assistant = RemoteAssistant(OmniClient(args.backend, read_timeout=args.backend_timeout))
+    except ValueError as error:  # not a URL
+        sys.exit(f"app.py: error: --backend: {error}")
+    if assistant.unreachable:
+        print(f"[llama-omni] {assistant.unreachable}; starting anyway", file=sys.stderr)
+    demo = build_demo(assistant, banner=assistant.banner(), concurrency_limit=BACKEND_CONCURRENCY)
+    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, show_error=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.backend:
+        return serve_backend(args)
     device = args.device
     if device == "auto":
         import torch
