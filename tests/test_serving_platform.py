@@ -129,14 +129,31 @@ def test_models_registered_in_both_registries(checks):
     assert checks["registered"] == [True, True]
 
 
-def test_tiny_llama_served_on_cpu(serve_venv, tmp_path):
-    """`vllm-omni serve` starts the one-stage pipeline on CpuOmniPlatform's AR worker, streams a chat completion
-    back, and leaves no process running once stopped by PID."""
-    done = subprocess.run([str(serve_venv), "-m", "serving.smoke", "--keep", str(tmp_path), "--timeout", "900"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1200)
+def _smoke(serve_venv, tmp_path, *options) -> dict:
+    done = subprocess.run([str(serve_venv), "-m", "serving.smoke", "--keep", str(tmp_path), "--timeout", "900",
+                           *options], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1200)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0 and result["ok"], json.dumps(result, indent=1)[-5000:]
     assert result["platform"] == "CpuOmniPlatform"
-    assert result["workers"] == [["CPUARWorker", "CPUARModelRunner"]]
-    assert result["chat"]["deltas"] and result["chat"]["finish_reason"] == "length"  # max_tokens 16, greedy
+    assert result["chat"]["deltas"]
     assert result["left_running"] == []
+    return result
+
+
+def test_tiny_llama_served_on_cpu(serve_venv, tmp_path):
+    """`vllm-omni serve` starts the one-stage pipeline on CpuOmniPlatform's AR worker, streams a chat completion
+    back, and leaves no process running once stopped by PID."""
+    result = _smoke(serve_venv, tmp_path)
+    assert result["workers"] == [["CPUARWorker", "CPUARModelRunner"]]
+    assert result["chat"]["finish_reason"] == "length"  # max_tokens 16, greedy
+
+
+def test_generation_stage_served_on_cpu(serve_venv, tmp_path):
+    """Two stages: the Llama's answer goes to a weightless LLM_GENERATION stage on CpuOmniPlatform's generation
+    worker, whose 16 kHz audio (10 ms per answer token) streams back after the text."""
+    result = _smoke(serve_venv, tmp_path, "--audio")
+    assert result["workers"] == [["CPUARWorker", "CPUARModelRunner"],
+                                 ["CPUGenerationWorker", "CPUGenerationModelRunner"]]
+    [audio] = result["chat"]["audio_chunks"]
+    assert audio["sample_rate_hz"] == 16000 and audio["channels"] == 1
+    assert 0 < audio["frame_count"] <= 16 * 160 and audio["frame_count"] % 160 == 0
