@@ -13,6 +13,10 @@ ARCHITECTURES = {
     "LlamaOmniSmokeForCausalLM": "serving.smoke:SmokeLlamaForCausalLM",
     # A weightless LLM_GENERATION stage model turning token ids into 16 kHz audio: the smoke check's stage 1
     "LlamaOmniSmokeWave": "serving.smoke:SmokeWaveForGeneration",
+    # LLaMA-Omni (v1) stage 0, the thinker: Whisper encoder + adaptor + vLLM's Llama (serving/llama_omni_thinker.py);
+    # under the converted checkpoints' own architecture name too, so plain vLLM serves them as a speech-to-text LLM
+    "LlamaOmniThinker": "serving.llama_omni_thinker:LlamaOmniThinker",
+    "LlamaOmniForConditionalGeneration": "serving.llama_omni_thinker:LlamaOmniThinker",
 }
 
 
