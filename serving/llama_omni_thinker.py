@@ -110,6 +110,16 @@ class LlamaOmniMultiModalProcessor(BaseMultiModalProcessor[LlamaOmniProcessingIn
             data["input_features"] = features["input_features"]
         return BatchFeature(data)
 
+    def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
+        """The original tokenizes the rendered chat text (which starts with <|begin_of_text|>) WITH the tokenizer's
+        BOS: two BOS ids (LlamaOmniProcessor `double_bos`). vLLM's chat path tokenizes without special tokens, so
+        a prompt that starts with one BOS gets the second here; one that has both is left as it is."""
+        processor = self.info.llama_omni_processor
+        bos = processor.tokenizer.bos_token_id
+        if getattr(processor, "double_bos", False) and bos is not None and prompt[:1] == [bos] and prompt[1:2] != [bos]:
+            return [bos, *prompt]
+        return prompt
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         return dict(input_features=MultiModalFieldConfig.batched("audio"))
 

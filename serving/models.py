@@ -17,6 +17,8 @@ ARCHITECTURES = {
     # under the converted checkpoints' own architecture name too, so plain vLLM serves them as a speech-to-text LLM
     "LlamaOmniThinker": "serving.llama_omni_thinker:LlamaOmniThinker",
     "LlamaOmniForConditionalGeneration": "serving.llama_omni_thinker:LlamaOmniThinker",
+    # stage 1, unit2wav: final-norm rows -> units -> 16 kHz audio, batched across requests
+    "LlamaOmniUnit2Wav": "serving.llama_omni_unit2wav:LlamaOmniUnit2Wav",
 }
 
 

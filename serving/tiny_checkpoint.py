@@ -2,9 +2,7 @@
 
 llama_omni_hf.tiny's checkpoint has head_dim 16; vLLM's CPU attention takes head_dim in {32, 64, ...}
 (vllm/v1/attention/backends/cpu_attn.py). This one is the same tiny model with a wider LLM (hidden 128, 4 heads,
-head_dim 32) and the speech adaptor's output scaled x10 (its random features, ~0.02 like the token embeddings,
-barely move the answer; at ~0.24 they decide it, so equal served and in-process answers mean equal speech
-embeddings); everything else (encoder, adaptor, unit decoder, vocoder, tokenizer, processor, remote code) is
+head_dim 32); everything else (encoder, adaptor, unit decoder, vocoder, tokenizer, processor, remote code) is
 llama_omni_hf.tiny's.
 
     python -m serving.tiny_checkpoint DIR
@@ -15,9 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-ADAPTOR_SCALE = 10.0
 SERVING_TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -34,13 +29,9 @@ def build_tiny_serving_model_and_processor(seed: int = 0):
 
     tiny.tiny_config_dict = wider
     try:
-        model, processor = tiny.build_tiny_model_and_processor(vocoder=True, seed=seed)
+        return tiny.build_tiny_model_and_processor(vocoder=True, seed=seed)
     finally:
         tiny.tiny_config_dict = original
-    with torch.no_grad():
-        model.speech_adaptor.linear2.weight.mul_(ADAPTOR_SCALE)
-        model.speech_adaptor.linear2.bias.mul_(ADAPTOR_SCALE)
-    return model, processor
 
 
 def build_tiny_serving_checkpoint(output_dir, seed: int = 0) -> Path:

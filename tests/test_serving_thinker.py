@@ -69,5 +69,3 @@ def test_thinker_greedy_tokens_equal_in_process_generate(serve_venv, tmp_path):
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["prompt_lens"] == result["hf_prompt_lens"]  # <speech> -> 300 placeholders
     assert result["vllm"] == result["hf"]
-    # the tiny checkpoint's answers are decided by its speech embeddings (serving/tiny_checkpoint.py), which the
-    # served model computes itself (Whisper encoder + adaptor in embed_multimodal)
