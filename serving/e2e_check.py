@@ -1,0 +1,114 @@
+"""End-to-end check of the LLaMA-Omni pipeline on vLLM-Omni: a tiny serving checkpoint (serving/tiny_checkpoint.py)
+served by `python -m serving.pipeline serve` on 127.0.0.1 (our deploy config), one spoken question streamed
+with llama_omni_hf.omni_client, the server stopped by PID (its process group). Prints one JSON line: the streamed
+text and the in-process greedy answer's text, the audio received (samples, rate, chunks), timings.
+
+    .venv-serve/bin/python -m serving.e2e_check WORKDIR [--timeout 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+
+from serving.smoke import _free_port, _wait_ready, group_members, stop
+
+MAX_TOKENS = 24
+
+
+def question(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000 * 2) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
+    import torch
+
+    from llama_omni_hf.modeling_llama_omni import LlamaOmniForConditionalGeneration
+    from llama_omni_hf.processing_llama_omni import LlamaOmniProcessor
+
+    processor = LlamaOmniProcessor.from_pretrained(checkpoint)
+    model = LlamaOmniForConditionalGeneration.from_pretrained(checkpoint).eval()
+    inputs = processor(audio=wav, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, return_units=False)
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    text_ids = [i for i in ids if i not in eos]
+    return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True)}
+
+
+def run(workdir: Path, timeout: float) -> dict:
+    from llama_omni_hf.omni_client import OmniClient
+    from serving.tiny_checkpoint import build_tiny_serving_checkpoint
+
+    checkpoint = build_tiny_serving_checkpoint(workdir / "ckpt")
+    wav = question()
+    result: dict = {"ok": False, "expected": in_process_answer(checkpoint, wav)}
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    log_path = workdir / "server.log"
+    command = [sys.executable, "-m", "serving.pipeline", "serve", str(checkpoint), "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", "tiny-omni"]
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        result["server_pid"] = server.pid
+        try:
+            _wait_ready(base, server, start + timeout)
+            result["startup_s"] = round(time.monotonic() - start, 1)
+            client = OmniClient(base, model="tiny-omni")
+            text, audio, rates, chunks, first_audio = [], [], set(), 0, None
+            t0 = time.monotonic()
+            with closing(client.stream([], wav, 16000, temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS)) as stream:
+                for chunk in stream:
+                    if chunk.text:
+                        text.append(chunk.text)
+                    if chunk.audio is not None and len(chunk.audio):
+                        first_audio = first_audio if first_audio is not None else time.monotonic() - t0
+                        audio.append(np.asarray(chunk.audio))
+                        rates.add(chunk.sampling_rate)
+                        chunks += 1
+            result["served"] = {"text": "".join(text), "audio_samples": int(sum(len(a) for a in audio)),
+                                "audio_chunks": chunks, "rates": sorted(rates), "first_audio_s": first_audio,
+                                "total_s": round(time.monotonic() - t0, 3)}
+        except Exception as error:  # reported with the log's tail
+            result["error"] = f"{type(error).__name__}: {error}"
+        finally:
+            result["server_exit"] = stop(server)
+            time.sleep(1)
+            result["left_running"] = group_members(server.pid)
+    served = result.get("served") or {}
+    result["ok"] = ("error" not in result and not result["left_running"]
+                    and served.get("text") == result["expected"]["text"]
+                    and served.get("audio_samples", 0) > 0 and served.get("rates") == [16000])
+    if not result["ok"]:
+        result["log_tail"] = log_path.read_text(errors="replace")[-6000:]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    result = run(args.workdir, args.timeout)
+    print("\nRESULT " + json.dumps(result))  # on its own line (a library may have left a prompt unterminated)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
