@@ -1,7 +1,9 @@
 """End-to-end check of the LLaMA-Omni pipeline on vLLM-Omni: a tiny serving checkpoint (serving/tiny_checkpoint.py)
 served by `python -m serving.pipeline serve` on 127.0.0.1 (our deploy config), one spoken question streamed
 with llama_omni_hf.omni_client, the server stopped by PID (its process group). Prints one JSON line: the streamed
-text and the in-process greedy answer's text, the audio received (samples, rate, chunks), timings.
+text and the in-process greedy answer's text, the audio received (samples, rate, chunks) and its largest
+difference from BatchedUnit2Wav run on the in-process final-norm rows (served_audio.npy / expected_audio.npy are
+left in WORKDIR), timings.
 
     .venv-serve/bin/python -m serving.e2e_check WORKDIR [--timeout 900]
 """
@@ -41,11 +43,33 @@ def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
     inputs = processor(audio=wav, sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, return_units=False)
-    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    prompt_len = inputs["input_ids"].shape[1]
+    ids = out[0, prompt_len:].tolist()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     text_ids = [i for i in ids if i not in eos]
-    return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True)}
+    # the audio the unit2wav stage should stream: BatchedUnit2Wav fed the in-process final-norm rows (the last
+    # prompt row, then one per generated token but the last) in the increments the stage-0 producer sends them
+    # (serving/llama_omni_unit2wav.py: one row per decode step, the newest held back, the last two together):
+    # the streaming vocoder's windows follow the increments
+    from llama_omni_hf.batched_unit2wav import BatchedUnit2Wav
+
+    with torch.no_grad():
+        embeds = model._embed_with_speech(out[:, :-1], inputs["input_features"])
+        states = model.model(inputs_embeds=embeds).last_hidden_state[0]  # after the final norm
+    rows = states[prompt_len - 1:]
+    engine = BatchedUnit2Wav(model)
+    engine.add_request("r")
+    pieces, units = [], []
+    for start in range(len(rows) - 2):
+        new_units, piece = engine.step({"r": rows[start:start + 1]})["r"]
+        units += new_units
+        pieces.append(piece)
+    new_units, piece = engine.step({"r": rows[max(0, len(rows) - 2):]}, finished={"r"})["r"]
+    units += new_units
+    audio = torch.cat([*pieces, piece])
+    return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True),
+            "units": len(units), "audio": audio.float().numpy()}
 
 
 def run(workdir: Path, timeout: float) -> dict:
@@ -54,7 +78,10 @@ def run(workdir: Path, timeout: float) -> dict:
 
     checkpoint = build_tiny_serving_checkpoint(workdir / "ckpt")
     wav = question()
-    result: dict = {"ok": False, "expected": in_process_answer(checkpoint, wav)}
+    expected = in_process_answer(checkpoint, wav)
+    expected_audio = expected.pop("audio")
+    expected["audio_samples"] = int(expected_audio.size)
+    result: dict = {"ok": False, "expected": expected}
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
@@ -81,7 +108,12 @@ def run(workdir: Path, timeout: float) -> dict:
                         audio.append(np.asarray(chunk.audio))
                         rates.add(chunk.sampling_rate)
                         chunks += 1
-            result["served"] = {"text": "".join(text), "audio_samples": int(sum(len(a) for a in audio)),
+            served_audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+            if served_audio.size == expected_audio.size:
+                result["audio_max_diff"] = float(np.abs(served_audio - expected_audio).max()) if audio else 0.0
+            np.save(workdir / "served_audio.npy", served_audio)
+            np.save(workdir / "expected_audio.npy", expected_audio)
+            result["served"] = {"text": "".join(text), "audio_samples": int(served_audio.size),
                                 "audio_chunks": chunks, "rates": sorted(rates), "first_audio_s": first_audio,
                                 "total_s": round(time.monotonic() - t0, 3)}
         except Exception as error:  # reported with the log's tail
@@ -93,7 +125,9 @@ def run(workdir: Path, timeout: float) -> dict:
     served = result.get("served") or {}
     result["ok"] = ("error" not in result and not result["left_running"]
                     and served.get("text") == result["expected"]["text"]
-                    and served.get("audio_samples", 0) > 0 and served.get("rates") == [16000])
+                    and served.get("audio_samples", 0) > 0 and served.get("rates") == [16000]
+                    # equal to BatchedUnit2Wav on the in-process rows, up to the server's 16-bit WAV encoding
+                    and result.get("audio_max_diff", 1.0) <= 1e-4)
     if not result["ok"]:
         result["log_tail"] = log_path.read_text(errors="replace")[-6000:]
     return result

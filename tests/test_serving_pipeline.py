@@ -6,7 +6,8 @@
   token, holding the newest back until the request finishes;
 - end to end (serving/e2e_check.py): `python -m serving.pipeline serve` on a tiny checkpoint on 127.0.0.1, one
   spoken question streamed with llama_omni_hf.omni_client: the text equals in-process greedy `generate`'s, 16 kHz
-  audio arrives, the server stopped by PID leaves no process.
+  audio arrives and equals BatchedUnit2Wav on the in-process final-norm rows (to 16-bit WAV rounding), the server
+  stopped by PID leaves no process.
 Skipped, with the reason, without the serving environment (as tests/test_serving_platform.py)."""
 
 from __future__ import annotations
@@ -110,4 +111,7 @@ def test_served_text_equals_in_process_generate_and_audio_arrives(serve_venv, tm
     assert "error" not in result, result.get("log_tail")
     assert served["text"] == result["expected"]["text"], result
     assert served["audio_samples"] > 0 and served["rates"] == [16000], result
+    # the streamed audio is BatchedUnit2Wav's on the in-process final-norm rows, up to 16-bit WAV encoding
+    assert served["audio_samples"] == result["expected"]["audio_samples"], result
+    assert result["audio_max_diff"] <= 1e-4, result
     assert run.returncode == 0
