@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,30 @@ def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
             "units": len(units), "audio": audio.float().numpy()}
 
 
+@contextmanager
+def pipeline_server(checkpoint: Path, workdir: Path, timeout: float, result: dict):
+    """`python -m serving.pipeline serve CHECKPOINT` on a free 127.0.0.1 port (log in WORKDIR/server.log), ready
+    within `timeout`; yields (base URL, process). Records `server_pid` and `startup_s` in `result` and, however the
+    block ends, stops the server by its process group and records `server_exit` and `left_running`."""
+    base = f"http://127.0.0.1:{_free_port()}"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    command = [sys.executable, "-m", "serving.pipeline", "serve", str(checkpoint), "--host", "127.0.0.1",
+               "--port", base.rsplit(":", 1)[1], "--served-model-name", "tiny-omni"]
+    start = time.monotonic()
+    with open(workdir / "server.log", "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        result["server_pid"] = server.pid
+        try:
+            _wait_ready(base, server, start + timeout)
+            result["startup_s"] = round(time.monotonic() - start, 1)
+            yield base, server
+        finally:
+            result["server_exit"] = stop(server)
+            time.sleep(1)
+            result["left_running"] = group_members(server.pid)
+
+
 def run(workdir: Path, timeout: float) -> dict:
     from llama_omni_hf.omni_client import OmniClient
     from serving.tiny_checkpoint import build_tiny_serving_checkpoint
@@ -82,20 +106,9 @@ def run(workdir: Path, timeout: float) -> dict:
     expected_audio = expected.pop("audio")
     expected["audio_samples"] = int(expected_audio.size)
     result: dict = {"ok": False, "expected": expected}
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     log_path = workdir / "server.log"
-    command = [sys.executable, "-m", "serving.pipeline", "serve", str(checkpoint), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "tiny-omni"]
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        result["server_pid"] = server.pid
-        try:
-            _wait_ready(base, server, start + timeout)
-            result["startup_s"] = round(time.monotonic() - start, 1)
+    try:
+        with pipeline_server(checkpoint, workdir, timeout, result) as (base, _):
             client = OmniClient(base, model="tiny-omni")
             text, audio, rates, chunks, first_audio = [], [], set(), 0, None
             t0 = time.monotonic()
@@ -116,12 +129,8 @@ def run(workdir: Path, timeout: float) -> dict:
             result["served"] = {"text": "".join(text), "audio_samples": int(served_audio.size),
                                 "audio_chunks": chunks, "rates": sorted(rates), "first_audio_s": first_audio,
                                 "total_s": round(time.monotonic() - t0, 3)}
-        except Exception as error:  # reported with the log's tail
-            result["error"] = f"{type(error).__name__}: {error}"
-        finally:
-            result["server_exit"] = stop(server)
-            time.sleep(1)
-            result["left_running"] = group_members(server.pid)
+    except Exception as error:  # reported with the log's tail
+        result["error"] = f"{type(error).__name__}: {error}"
     served = result.get("served") or {}
     result["ok"] = ("error" not in result and not result["left_running"]
                     and served.get("text") == result["expected"]["text"]

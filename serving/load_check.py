@@ -28,8 +28,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -38,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.e2e_check import question
-from serving.smoke import _free_port, _wait_ready, group_members, stop
+from serving.e2e_check import pipeline_server, question
 
 MAX_TOKENS = 24
 MARGIN = 1e-3  # CTC top-1/top-2 logit margin below which a served unit may legitimately differ
@@ -251,20 +248,9 @@ def run(workdir: Path, timeout: float) -> dict:
     checkpoint = build_tiny_serving_checkpoint(workdir / "ckpt")
     reference = Reference(checkpoint)
     result: dict = {}
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     log_path = workdir / "server.log"
-    command = [sys.executable, "-m", "serving.pipeline", "serve", str(checkpoint), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "tiny-omni"]
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        result["server_pid"] = server.pid
-        try:
-            _wait_ready(base, server, start + timeout)
-            result["startup_s"] = round(time.monotonic() - start, 1)
+    try:
+        with pipeline_server(checkpoint, workdir, timeout, result) as (base, server):
             wavs = {i: question(i) for i in range(8)}
             # 1, 4, 8 concurrent sampled streams
             result["load"] = {}
@@ -298,15 +284,11 @@ def run(workdir: Path, timeout: float) -> dict:
             final = stream_one(base, wavs[6], seed=4242) if server.poll() is None else {"error": "server down"}
             final.pop("_audio", None)
             result["final_request"] = {k: final.get(k) for k in ("text", "error", "audio_chunks", "finish_reason")}
-        except Exception as error:
-            import traceback
+    except Exception as error:
+        import traceback
 
-            result["error"] = f"{type(error).__name__}: {error}"
-            result["traceback"] = traceback.format_exc()[-3000:]
-        finally:
-            result["server_exit"] = stop(server)
-            time.sleep(1)
-            result["left_running"] = group_members(server.pid)
+        result["error"] = f"{type(error).__name__}: {error}"
+        result["traceback"] = traceback.format_exc()[-3000:]
     result["log_tail"] = log_path.read_text(errors="replace")[-4000:]
     return result
 
