@@ -6,8 +6,9 @@ multimodal-audio pattern of vLLM's Qwen2-Audio / Ultravox (vllm/model_executor/m
 ultravox.py):
 
 - the multimodal processor turns each audio (resampled to 16 kHz mono by vLLM's data parser) into the 128 x 3000
-  log-mel `input_features` of the project's LlamaOmniProcessor (same resampling, 30 s cut and feature extractor,
-  so served features equal in-process ones), and expands each `<speech>` id of the prompt to the 300 placeholder
+  log-mel `input_features` of the project's LlamaOmniProcessor (same resampling and feature extractor,
+  so served features equal in-process ones; audio over 30 s is refused, where the in-process processor cuts it
+  with a warning a server client would never see), and expands each `<speech>` id of the prompt to the 300 placeholder
   ids the model overwrites (`PromptReplacement`);
 - `embed_multimodal` runs the Whisper encoder and the speech adaptor, one [300, H] tensor per audio; the `<speech>`
   id lies outside the LLM vocabulary (it is the first id after it), which `configure_mm_token_handling` tells vLLM
@@ -49,6 +50,7 @@ from vllm.multimodal.processing import (
 )
 
 SAMPLING_RATE = 16000
+MAX_SECONDS = 30  # Whisper's window (LlamaOmniProcessor's MAX_SECONDS)
 SPEECH_TOKEN = "<speech>"
 
 
@@ -103,6 +105,13 @@ class LlamaOmniMultiModalProcessor(BaseMultiModalProcessor[LlamaOmniProcessingIn
         audios = list(processor_data.get("audios") or processor_data.get("audio") or [])
         data = dict(passthrough)
         if audios:
+            for i, audio in enumerate(audios):
+                seconds = len(audio) / SAMPLING_RATE
+                if seconds > MAX_SECONDS:
+                    # In process, longer audio is cut to its first 30 s with a warning (as the original); a server
+                    # cannot show that warning, so it refuses instead of silently answering part of the question.
+                    raise ValueError(f"audio[{i}] lasts {seconds:.1f} s; LLaMA-Omni hears at most {MAX_SECONDS} s "
+                                     "(Whisper's window): send a shorter question or cut it to its first 30 s")
             processor = self.info.llama_omni_processor
             wavs = processor._prepare_audio([np.asarray(a, dtype=np.float32) for a in audios], SAMPLING_RATE)
             features = processor.feature_extractor(wavs, sampling_rate=SAMPLING_RATE, padding="max_length",

@@ -13,10 +13,18 @@ audex_code2wav.py, stage_input_processors/audex.py):
 - an empty chunk counts as "not ready": the producer holds back the newest row until the next call, so the
   terminal payload always carries at least one row;
 - per-request state is freed on `stream_finished` and in `on_requests_finished` (aborted / disconnected requests).
+  Both are keyed by the stage's own request ids (`requires_request_ids`: the generation runner passes them to
+  `forward`, vllm_omni/worker/gpu_generation_model_runner.py), which are what `finished_req_ids` holds; the
+  payload's `meta.req_id` is the upstream (external) id, used only when the runner gives none. Each freeing is
+  logged ("unit2wav: request ... freed ...; N active") so a deployment can see state go back to zero.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +34,22 @@ from torch import nn
 SAMPLING_RATE = 16000
 DEFAULT_CHUNK_UNITS = 10  # Omega: units per vocoder call (the in-process app's default)
 _STATE_KEY = "_llama_omni_rows"
+_RECENTLY_DONE = 4096  # finished ids remembered, so a late duplicate payload cannot restart a finished request
+
+
+def _trace(event: str, **fields) -> None:
+    """LLAMA_OMNI_SERVING_TRACE=FILE: one JSON line per producer send and per stage-1 step (wall time, rows,
+    audio), from both stage processes, to see where a request's first audio waits. Off by default."""
+    path = os.environ.get("LLAMA_OMNI_SERVING_TRACE")
+    if path:
+        with open(path, "a") as trace:
+            trace.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger(__name__)
 
 
 def _as_bool(value: Any) -> bool:
@@ -80,6 +104,7 @@ def thinker_rows_async_chunk(transfer_manager: Any, multimodal_output: Any, requ
         emit, state["pending"], state["done"] = pending, None, True
     else:  # hold back the newest row: the terminal payload must not be empty
         emit, state["pending"] = pending[:-1], pending[-1:]
+    _trace("send", id=request_id, rows=int(emit.shape[0]), finished=finished)
     flag = torch.tensor(finished, dtype=torch.bool)
     # The rows ride in `codes.audio`: for a generation stage the chunk receiver counts a chunk as ready only when
     # `codes.audio` is non-empty (a 2-D tensor is kept whole), chunk_transfer_adapter.py `_commit_received_chunk`.
@@ -112,11 +137,13 @@ class LlamaOmniUnit2Wav(nn.Module):
         self.speech = _SpeechHalf(config)
         self.chunk_units = DEFAULT_CHUNK_UNITS
         self._engine = None
+        self._done: OrderedDict = OrderedDict()  # recently finished request ids (bounded)
         self.have_multimodal_outputs = True
         self.has_preprocess = False
         self.has_postprocess = False
         self.enable_update_additional_information = True
         self.requires_raw_input_tokens = True
+        self.requires_request_ids = True
 
     @property
     def engine(self):
@@ -141,9 +168,26 @@ class LlamaOmniUnit2Wav(nn.Module):
         self.speech.vocoder.float()
         return {f"speech.{name}" for name in state}
 
+    def _forget(self, request_id: str, why: str) -> None:
+        """Free a request's state (if any) and remember it as done; logged once per request."""
+        self.engine.remove(request_id)
+        first_time = request_id not in self._done
+        self._done[request_id] = True
+        self._done.move_to_end(request_id)
+        while len(self._done) > _RECENTLY_DONE:
+            self._done.popitem(last=False)
+        if first_time:
+            _logger().info("unit2wav: request %s freed (%s); %d active", request_id, why, self.engine.num_active)
+
     def on_requests_finished(self, finished_req_ids: Iterable[str]) -> None:
+        """The scheduler's finished ids: normally already freed by their terminal chunk; an aborted request (a
+        client that disconnected) is freed here ("aborted"), or only logged ("cancelled") when it was aborted
+        before any of its rows reached this stage."""
         for request_id in finished_req_ids:
-            self.engine.remove(request_id)
+            if request_id in self.engine:
+                self._forget(request_id, "aborted")
+            elif request_id not in self._done:
+                self._forget(request_id, "cancelled")
 
     @torch.no_grad()
     def forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
@@ -152,14 +196,18 @@ class LlamaOmniUnit2Wav(nn.Module):
 
         infos = list(runtime_additional_information or [])
         counts = kwargs.get("seq_token_counts")
+        stage_ids = list(kwargs.get("request_ids") or [])
         num_reqs = len(counts) if counts is not None else len(infos)
         batch, finished, order = {}, set(), []
         for i in range(num_reqs):
             info = infos[i] if i < len(infos) and isinstance(infos[i], dict) else {}
             meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
-            request_id = _as_str(meta.get("req_id"))
+            request_id = stage_ids[i] if i < len(stage_ids) else _as_str(meta.get("req_id"))
             order.append(request_id)
-            if request_id is None:
+            if request_id is None or not info:  # the runner's dummy / prewarm batches carry no payload
+                continue
+            if request_id in self._done:  # a payload after the terminal one (stale snapshot): nothing new
+                order[-1] = None
                 continue
             codes = info.get("codes") if isinstance(info.get("codes"), dict) else {}
             rows = codes.get("audio")
@@ -169,7 +217,15 @@ class LlamaOmniUnit2Wav(nn.Module):
                 batch[request_id] = rows.to(torch.float32)
             if _as_bool(meta.get("stream_finished")) or _as_bool(meta.get("finished")):
                 finished.add(request_id)
+        started = time.perf_counter()
         results = self.engine.step(batch, finished=finished) if (batch or finished) else {}
+        if results:
+            _trace("step", s=round(time.perf_counter() - started, 4),
+                   rows={rid: int(rows.shape[0]) for rid, rows in batch.items()},
+                   units={rid: len(units) for rid, (units, _) in results.items()},
+                   samples={rid: int(audio.numel()) for rid, (_, audio) in results.items()})
+        for request_id in finished:  # step() removed them; remember and log
+            self._forget(request_id, "finished")
         empty = torch.zeros(0, dtype=torch.float32)
         audios = [results[rid][1].float().cpu() if rid in results else empty for rid in order]
         sr = torch.tensor(SAMPLING_RATE, dtype=torch.int32)

@@ -12,10 +12,13 @@ The tiny serving checkpoint served by `python -m serving.pipeline serve` on 127.
   alone, in the increments the stage-0 producer sends; the served audio must equal it to 16-bit WAV rounding.
   Where the smallest CTC top-1/top-2 logit margin of that reference run is below MARGIN (vLLM's states differ
   from HF's by ~1e-4, so a unit may flip there), only the audio length is compared (flagged `tiny_margin`).
-- A client that closes its stream after its first text chunk while 3 others run: the others still match, and a
-  later request succeeds.
+- A client that closes its stream after its first text chunk while 3 others run: the others still match, stage 1
+  logs the freeing of every one of the four (the closed one `aborted`, or `cancelled` when the abort came before
+  any of its rows reached stage 1) with 0 requests left active, and a later
+  request succeeds. (vLLM's /metrics request gauges are not used: when the server goes idle they keep the
+  values of the last busy step.)
 - Bad audio (zero-length WAV, corrupt base64, non-WAV bytes, 31 s, a float WAV holding NaN): the response
-  (HTTP status / in-stream error event / timeout) and whether the server still answers afterwards.
+  (HTTP status and body, or in-stream error events) and whether the server still answers afterwards.
 
     .venv-serve/bin/python -m serving.load_check WORKDIR [--timeout 900]
 
@@ -28,6 +31,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import sys
 import threading
 import time
@@ -51,7 +55,7 @@ def _client_cls():
 
         def __init__(self, *args, seed: int, **kwargs):
             super().__init__(*args, **kwargs)
-            self.seed, self.token_ids = seed, []
+            self.seed, self.token_ids, self.response_ids = seed, [], set()
 
         def request(self, messages, **kwargs):
             return {**super().request(messages, **kwargs), "seed": self.seed, "return_token_ids": True}
@@ -61,6 +65,8 @@ def _client_cls():
                 event = json.loads(data)
             except ValueError:
                 event = None
+            if isinstance(event, dict) and event.get("id"):
+                self.response_ids.add(str(event["id"]))
             if isinstance(event, dict) and (event.get("modality") or "text") == "text":
                 for choice in event.get("choices") or []:
                     if isinstance(choice, dict) and choice.get("index", 0) == 0:
@@ -103,6 +109,7 @@ def stream_one(base: str, wav: np.ndarray, seed: int, barrier=None, close_after_
         out["error"] = f"{type(error).__name__}: {error}"
     out["total_s"] = round(time.monotonic() - t0, 3)
     out["token_ids"] = client.token_ids
+    out["response_ids"] = sorted(client.response_ids)
     out["rates"] = sorted(rates)
     out["_audio"] = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     return out
@@ -220,6 +227,29 @@ def alive(base: str) -> bool:
         return False
 
 
+FREED = re.compile(r"unit2wav: request (\S+) freed \((\w+)\); (\d+) active")
+
+
+def freed_requests(log_path: Path) -> list[dict]:
+    """Stage 1's "request ... freed (why); N active" log lines (serving/llama_omni_unit2wav.py), in order."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return [{"id": m[1], "why": m[2], "active": int(m[3])} for m in FREED.finditer(text)]
+
+
+def settle(log_path: Path, expect_ids: list[str], timeout: float = 20.0) -> dict:
+    """Waits until stage 1 logged the freeing of every id in `expect_ids` (a served response id is a prefix of the
+    stage's own request id) and its active count is back to 0; what it saw."""
+    deadline = time.monotonic() + timeout
+    while True:
+        freed = freed_requests(log_path)
+        found = {rid: next((f for f in freed if f["id"].startswith(rid) or rid.startswith(f["id"])), None)
+                 for rid in expect_ids}
+        active = freed[-1]["active"] if freed else None
+        if (all(found.values()) and active == 0) or time.monotonic() > deadline:
+            return {"found": found, "active_after": active, "freed_lines": len(freed)}
+        time.sleep(0.5)
+
+
 def bad_audio_cases() -> dict:
     import soundfile
 
@@ -268,10 +298,12 @@ def run(workdir: Path, timeout: float) -> dict:
                     s.pop("_audio")
                 else:
                     s["check"] = compare(reference, wavs[i], s)
-            time.sleep(2)
+            # the closed stream's state must be freed in stage 1 (and the others' too), with nothing left active
+            freed = settle(log_path, [rid for s in served for rid in s["response_ids"]])
             later = stream_one(base, wavs[5], seed=999)
             later["check"] = compare(reference, wavs[5], later)
-            result["disconnect"] = {"streams": served, "later": later, "server_up": server.poll() is None}
+            result["disconnect"] = {"streams": served, "later": later, "server_up": server.poll() is None,
+                                    "freed": freed}
             # bad audio, one at a time; after each: does the server still list its model?
             result["bad_audio"] = {}
             for name, content_part in bad_audio_cases().items():

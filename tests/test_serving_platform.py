@@ -3,7 +3,8 @@ CpuOmniPlatform and its CPU workers, the model registration, and a tiny Llama se
 CPU with one streamed chat completion (serving/smoke.py).
 
 Everything runs in .venv-serve through subprocesses (this suite's venv has no vLLM). Skipped, with the reason,
-where that venv does not exist (`bash scripts/setup_serving.sh` makes it) or cannot import vllm and vllm_omni.
+where that venv does not exist (`bash scripts/setup_serving.sh` makes it) or cannot import vllm and vllm_omni;
+with LLAMA_OMNI_REQUIRE_SERVING=1 (CI, after setting the venv up) that is a failure instead of a skip.
 LLAMA_OMNI_SERVE_PYTHON names another interpreter.
 """
 
@@ -36,11 +37,19 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def serve_venv():
+def skip_without_serving() -> None:
+    """Skips the calling test (or fixture) without a usable serving environment; fails instead where
+    LLAMA_OMNI_REQUIRE_SERVING=1, so a CI run whose setup broke cannot pass by skipping."""
     reason = _skip_reason()
+    if reason and os.environ.get("LLAMA_OMNI_REQUIRE_SERVING") == "1":
+        pytest.fail(f"LLAMA_OMNI_REQUIRE_SERVING=1 but {reason}")
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def serve_venv():
+    skip_without_serving()
     return SERVE_PYTHON
 
 
