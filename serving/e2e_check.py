@@ -2,11 +2,12 @@
 served by `python -m serving.pipeline serve` on 127.0.0.1 (our deploy config), one spoken question streamed
 with llama_omni_hf.omni_client, the server stopped by PID (its process group). Prints one JSON line: the streamed
 text and the in-process greedy answer's text, the audio received (samples, rate, chunks) and its largest
-difference from BatchedUnit2Wav run on the in-process final-norm rows (served_audio.npy / expected_audio.npy are
-left in WORKDIR), timings. With --restart the server is then stopped (SIGTERM to its process group), started again
-with the same command on the same port, and asked again: the answer must be the same, the first server must have
-exited with status 0 leaving no process behind; /dev/shm entries that appeared and stayed are listed (vLLM 0.30's
-CPU executor leaves some of its message-queue segments behind at each stop).
+difference from BatchedUnit2Wav run on the in-process final-norm rows fed in the increments stage 1 consumed (read
+from the server's LLAMA_OMNI_SERVING_TRACE; served_audio.npy is left in WORKDIR), timings. With --restart the
+server is then stopped (SIGTERM to its process group), started again with the same command on the same port, and
+asked again: the same text, its audio again equal to the replay of its own increments, the first server exited
+with status 0 leaving no process behind; /dev/shm entries that appeared and stayed are listed (vLLM 0.30's CPU
+executor leaves some of its message-queue segments behind at each stop).
 
     .venv-serve/bin/python -m serving.e2e_check WORKDIR [--timeout 900] [--restart]
 """
@@ -36,6 +37,8 @@ def question(seed: int = 0) -> np.ndarray:
 
 
 def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
+    """Greedy `generate` in process: the answer ids and text, and the final-norm rows stage 1 should get (the last
+    prompt row, then one per generated token but the last), with the model to vocode them."""
     import torch
 
     from llama_omni_hf.modeling_llama_omni import LlamaOmniForConditionalGeneration
@@ -51,39 +54,66 @@ def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     text_ids = [i for i in ids if i not in eos]
-    # the audio the unit2wav stage should stream: BatchedUnit2Wav fed the in-process final-norm rows (the last
-    # prompt row, then one per generated token but the last) in the increments the stage-0 producer sends them
-    # (serving/llama_omni_unit2wav.py: one row per decode step, the newest held back, the last two together):
-    # the streaming vocoder's windows follow the increments
-    from llama_omni_hf.batched_unit2wav import BatchedUnit2Wav
-
     with torch.no_grad():
         embeds = model._embed_with_speech(out[:, :-1], inputs["input_features"])
         states = model.model(inputs_embeds=embeds).last_hidden_state[0]  # after the final norm
-    rows = states[prompt_len - 1:]
+    return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True),
+            "rows": states[prompt_len - 1:], "model": model}
+
+
+def served_increments(trace: Path) -> dict[str, list[tuple[int, bool]]]:
+    """Per stage-1 request id, the rows each of its engine steps consumed and whether that step finished it, from
+    the server's LLAMA_OMNI_SERVING_TRACE (serving/llama_omni_unit2wav.py). The streaming vocoder's windows
+    follow these increments (the producer coalesces rows by time), so a reference must replay them."""
+    steps: dict[str, list[tuple[int, bool]]] = {}
+    for line in trace.read_text().splitlines() if trace.exists() else []:
+        event = json.loads(line)
+        if event.get("event") != "step":
+            continue
+        for rid in dict.fromkeys([*event["rows"], *event.get("finished", [])]):
+            steps.setdefault(rid, []).append((event["rows"].get(rid, 0), rid in event.get("finished", [])))
+    return steps
+
+
+def increments_for(steps: dict[str, list[tuple[int, bool]]], response_id: str) -> list[tuple[int, bool]] | None:
+    """The increments of the stage-1 request serving `response_id` (its id is the response id plus a suffix)."""
+    found = [rid for rid in steps if rid.startswith(response_id)]
+    return steps[found[0]] if len(found) == 1 else None
+
+
+def replay(model, rows, increments: list[tuple[int, bool]]) -> tuple[np.ndarray, int]:
+    """BatchedUnit2Wav alone on `rows`, fed in `increments`: the audio stage 1 should have streamed, and the
+    number of units."""
+    import torch
+
+    from llama_omni_hf.batched_unit2wav import BatchedUnit2Wav
+
     engine = BatchedUnit2Wav(model)
     engine.add_request("r")
-    pieces, units = [], []
-    for start in range(len(rows) - 2):
-        new_units, piece = engine.step({"r": rows[start:start + 1]})["r"]
-        units += new_units
-        pieces.append(piece)
-    new_units, piece = engine.step({"r": rows[max(0, len(rows) - 2):]}, finished={"r"})["r"]
-    units += new_units
-    audio = torch.cat([*pieces, piece])
-    return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True),
-            "units": len(units), "audio": audio.float().numpy()}
+    pieces, units, start = [], 0, 0
+    with torch.no_grad():
+        for count, finished in increments:
+            new_units, piece = engine.step({"r": rows[start:start + count]}, finished={"r"} if finished else set())["r"]
+            start += count
+            units += len(new_units)
+            pieces.append(piece)
+    if start != len(rows) or not increments or not increments[-1][1]:
+        raise ValueError(f"the served increments {increments} do not cover the {len(rows)} rows exactly once")
+    return torch.cat(pieces).float().numpy(), units
 
 
 @contextmanager
 def pipeline_server(checkpoint: Path, workdir: Path, timeout: float, result: dict, port: int | None = None,
                     log_name: str = "server.log"):
     """`python -m serving.pipeline serve CHECKPOINT` on 127.0.0.1 (`port`, or a free one; log in WORKDIR/log_name),
-    ready within `timeout`; yields (base URL, process). Records `server_pid` and `startup_s` in `result` and, however
+    ready within `timeout`; yields (base URL, process); stage 1's trace goes to WORKDIR/<log_name>.trace.jsonl.
+    Records `server_pid` and `startup_s` in `result` and, however
     the block ends, stops the server by its process group and records `server_exit` and `left_running`."""
     base = f"http://127.0.0.1:{port or _free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               LLAMA_OMNI_SERVING_TRACE=str(workdir / f"{log_name}.trace.jsonl"))
+    Path(env["LLAMA_OMNI_SERVING_TRACE"]).unlink(missing_ok=True)
     command = [sys.executable, "-m", "serving.pipeline", "serve", str(checkpoint), "--host", "127.0.0.1",
                "--port", base.rsplit(":", 1)[1], "--served-model-name", "tiny-omni"]
     start = time.monotonic()
@@ -128,35 +158,49 @@ def shared_memory_names() -> set[str]:
     return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
 
 
+def check_audio(expected: dict, served: dict, served_audio: np.ndarray, trace: Path) -> dict:
+    """The served audio against BatchedUnit2Wav replaying, on the in-process rows, the increments stage 1 consumed
+    (from the trace; the server's only request)."""
+    steps = served_increments(trace)
+    if len(steps) != 1:
+        return {"match": False, "why": f"expected one traced request, found {sorted(steps)}"}
+    increments = next(iter(steps.values()))
+    try:
+        reference, units = replay(expected["model"], expected["rows"], increments)
+    except ValueError as error:
+        return {"match": False, "why": str(error)}
+    check = {"increments": len(increments), "units": units, "expected_samples": int(reference.size)}
+    if reference.size == served_audio.size:
+        check["max_diff"] = float(np.abs(served_audio - reference).max()) if reference.size else 0.0
+    # equal up to the server's 16-bit WAV encoding
+    check["match"] = served["rates"] == [16000] and served_audio.size > 0 and check.get("max_diff", 1.0) <= 1e-4
+    return check
+
+
 def run(workdir: Path, timeout: float, restart: bool = False) -> dict:
     from serving.tiny_checkpoint import build_tiny_serving_checkpoint
 
     checkpoint = build_tiny_serving_checkpoint(workdir / "ckpt")
     wav = question()
     expected = in_process_answer(checkpoint, wav)
-    expected_audio = expected.pop("audio")
-    expected["audio_samples"] = int(expected_audio.size)
-    result: dict = {"ok": False, "expected": expected}
+    result: dict = {"ok": False, "expected": {"ids": expected["ids"], "text": expected["text"]}}
     log_path = workdir / "server.log"
     shm_before = shared_memory_names()
     try:
         with pipeline_server(checkpoint, workdir, timeout, result) as (base, _):
             result["served"], served_audio = ask(base, wav)
-            if served_audio.size == expected_audio.size:
-                result["audio_max_diff"] = float(np.abs(served_audio - expected_audio).max()) if served_audio.size \
-                    else 0.0
-            np.save(workdir / "served_audio.npy", served_audio)
-            np.save(workdir / "expected_audio.npy", expected_audio)
+        result["audio"] = check_audio(expected, result["served"], served_audio, workdir / "server.log.trace.jsonl")
+        np.save(workdir / "served_audio.npy", served_audio)
         if restart:
             # the same command on the same port after a SIGTERM stop: nothing of the first server may be in the
-            # way (port, shared memory, stage processes), and the answer must be the same
+            # way (port, stage processes), and the answer must be the same
             port = int(base.rsplit(":", 1)[1])
             again: dict = {"shm_left_by_first": sorted(shared_memory_names() - shm_before)}
             result["restart"] = again
             with pipeline_server(checkpoint, workdir, timeout, again, port=port, log_name="server2.log") as (b, _):
                 again["served"], audio2 = ask(b, wav)
-                again["same_text"] = again["served"]["text"] == result["served"]["text"]
-                again["same_audio"] = audio2.size == served_audio.size and bool(np.array_equal(audio2, served_audio))
+            again["audio"] = check_audio(expected, again["served"], audio2, workdir / "server2.log.trace.jsonl")
+            again["same_text"] = again["served"]["text"] == result["served"]["text"]
             again["shm_left"] = sorted(shared_memory_names() - shm_before)
     except Exception as error:  # reported with the log's tail
         result["error"] = f"{type(error).__name__}: {error}"
@@ -164,10 +208,8 @@ def run(workdir: Path, timeout: float, restart: bool = False) -> dict:
     again = result.get("restart") or {}
     result["ok"] = ("error" not in result and not result["left_running"]
                     and served.get("text") == result["expected"]["text"]
-                    and served.get("audio_samples", 0) > 0 and served.get("rates") == [16000]
-                    # equal to BatchedUnit2Wav on the in-process rows, up to the server's 16-bit WAV encoding
-                    and result.get("audio_max_diff", 1.0) <= 1e-4
-                    and (not restart or (again.get("same_text") and again.get("same_audio")
+                    and (result.get("audio") or {}).get("match", False)
+                    and (not restart or (again.get("same_text") and again["audio"].get("match")
                                          and not again.get("left_running") and again.get("server_exit") == 0)))
     if not result["ok"]:
         result["log_tail"] = log_path.read_text(errors="replace")[-6000:]

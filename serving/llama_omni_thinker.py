@@ -63,7 +63,10 @@ class LlamaOmniProcessingInfo(BaseProcessingInfo):
         """The project's processor (feature extractor + tokenizer) from the checkpoint: the in-process input path."""
         from llama_omni_hf.processing_llama_omni import LlamaOmniProcessor
 
-        return LlamaOmniProcessor.from_pretrained(self.ctx.model_config.model)
+        # the server was started with --trust-remote-code (serving/pipeline.py): say so, or transformers asks on
+        # stdin whether to run the checkpoint's code
+        return LlamaOmniProcessor.from_pretrained(self.ctx.model_config.model,
+                                                  trust_remote_code=self.ctx.model_config.trust_remote_code)
 
     @property
     def speech_token_id(self) -> int:

@@ -34,7 +34,16 @@ from torch import nn
 SAMPLING_RATE = 16000
 DEFAULT_CHUNK_UNITS = 10  # Omega: units per vocoder call (the in-process app's default)
 _STATE_KEY = "_llama_omni_rows"
+DEFAULT_SEND_INTERVAL_S = 0.05  # about one stage-1 engine step under load on the CPU (LLAMA_OMNI_SERVING_TRACE)
 _RECENTLY_DONE = 4096  # finished ids remembered, so a late duplicate payload cannot restart a finished request
+
+
+def _send_interval() -> float:
+    """Seconds between two sends of a request's rows (the first and the last go at once). Stage 1 consumes one
+    chunk per request per engine step (vllm-omni's chunk_transfer_adapter loads the next chunk only after the
+    last was scheduled): rows sent every decode step of a fast thinker queue up behind it and the audio falls
+    ever further behind the text. LLAMA_OMNI_SEND_INTERVAL_S; 0 sends every step."""
+    return float(os.environ.get("LLAMA_OMNI_SEND_INTERVAL_S", DEFAULT_SEND_INTERVAL_S))
 
 
 def _trace(event: str, **fields) -> None:
@@ -81,7 +90,7 @@ def thinker_rows_async_chunk(transfer_manager: Any, multimodal_output: Any, requ
     finished = bool(is_finished or request.is_finished())
     state_holder = transfer_manager.request_payload.get(request_id)
     if not isinstance(state_holder, dict) or _STATE_KEY not in state_holder:
-        state_holder = {_STATE_KEY: {"seen": 0, "pending": None, "done": False}}
+        state_holder = {_STATE_KEY: {"seen": 0, "pending": None, "done": False, "sent_at": None}}
         transfer_manager.request_payload[request_id] = state_holder
     state = state_holder[_STATE_KEY]
     if state["done"]:
@@ -100,6 +109,10 @@ def thinker_rows_async_chunk(transfer_manager: Any, multimodal_output: Any, requ
         if finished:  # nothing to send at all: stage 1 never saw this request
             state["done"] = True
         return None
+    now = time.monotonic()
+    if not finished and state["sent_at"] is not None and now - state["sent_at"] < _send_interval():
+        return None  # coalesce: stage 1 takes one chunk per engine step, so chunks sent faster only queue up
+    state["sent_at"] = now
     if finished:
         emit, state["pending"], state["done"] = pending, None, True
     else:  # hold back the newest row: the terminal payload must not be empty
@@ -221,7 +234,7 @@ class LlamaOmniUnit2Wav(nn.Module):
         results = self.engine.step(batch, finished=finished) if (batch or finished) else {}
         if results:
             _trace("step", s=round(time.perf_counter() - started, 4),
-                   rows={rid: int(rows.shape[0]) for rid, rows in batch.items()},
+                   rows={rid: int(rows.shape[0]) for rid, rows in batch.items()}, finished=sorted(finished),
                    units={rid: len(units) for rid, (units, _) in results.items()},
                    samples={rid: int(audio.numel()) for rid, (_, audio) in results.items()})
         for request_id in finished:  # step() removed them; remember and log

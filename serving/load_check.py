@@ -9,7 +9,8 @@ The tiny serving checkpoint served by `python -m serving.pipeline serve` on 127.
   last text times.
 - No cross-talk: each request's OWN served ids are teacher-forced through the in-process HF model (one forward
   over prompt + answer, final-norm rows from the last prompt row on) and BatchedUnit2Wav is run on those rows
-  alone, in the increments the stage-0 producer sends; the served audio must equal it to 16-bit WAV rounding.
+  alone, in the increments stage 1 consumed for that request (the server's LLAMA_OMNI_SERVING_TRACE: the
+  producer coalesces rows by time); the served audio must equal it to 16-bit WAV rounding.
   Where the smallest CTC top-1/top-2 logit margin of that reference run is below MARGIN (vLLM's states differ
   from HF's by ~1e-4, so a unit may flip there), only the audio length is compared (flagged `tiny_margin`).
 - A client that closes its stream after its first text chunk while 3 others run: the others still match, stage 1
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.e2e_check import pipeline_server, question
+from serving.e2e_check import increments_for, pipeline_server, question, replay, served_increments
 
 MAX_TOKENS = 24
 MARGIN = 1e-3  # CTC top-1/top-2 logit margin below which a served unit may legitimately differ
@@ -149,9 +150,7 @@ class Reference:
         top2 = output.float().topk(2, dim=-1).values
         self.margins.append(float((top2[..., 0] - top2[..., 1]).min()))
 
-    def audio(self, wav: np.ndarray, ids: list[int]) -> tuple[np.ndarray, float]:
-        from llama_omni_hf.batched_unit2wav import BatchedUnit2Wav
-
+    def audio(self, wav: np.ndarray, ids: list[int], increments: list[tuple[int, bool]]) -> tuple[np.ndarray, float]:
         torch = self.torch
         inputs = self.processor(audio=wav, sampling_rate=16000, return_tensors="pt")
         prompt = inputs["input_ids"]
@@ -161,24 +160,27 @@ class Reference:
         with torch.no_grad():
             embeds = self.model._embed_with_speech(full[:, :-1], inputs["input_features"])
             states = self.model.model(inputs_embeds=embeds).last_hidden_state[0]
-            rows = states[prompt_len - 1:]  # the last prompt row, then one per answer token but the last
-            engine = BatchedUnit2Wav(self.model)
-            engine.add_request("r")
-            pieces = []
-            for start in range(len(rows) - 2):  # the producer's increments: one row per step, last two together
-                pieces.append(engine.step({"r": rows[start:start + 1]})["r"][1])
-            pieces.append(engine.step({"r": rows[max(0, len(rows) - 2):]}, finished={"r"})["r"][1])
-        return torch.cat(pieces).float().numpy(), (min(self.margins) if self.margins else float("inf"))
+        rows = states[prompt_len - 1:]  # the last prompt row, then one per answer token but the last
+        audio, _ = replay(self.model, rows, increments)  # in the increments stage 1 consumed them
+        return audio, (min(self.margins) if self.margins else float("inf"))
 
 
-def compare(reference: Reference, wav: np.ndarray, served: dict) -> dict:
-    """Served audio vs BatchedUnit2Wav on the teacher-forced rows of the request's own served ids."""
+def compare(reference: Reference, wav: np.ndarray, served: dict, trace: Path) -> dict:
+    """Served audio vs BatchedUnit2Wav on the teacher-forced rows of the request's own served ids, fed in the
+    increments stage 1 consumed for THIS request (the server's trace)."""
     audio = served.pop("_audio")
     served["audio_samples"] = int(audio.size)
     ids = served["token_ids"]
     if not ids:
         return {"match": False, "why": "no served token ids"}
-    expected, margin = reference.audio(wav, ids)
+    increments = increments_for(served_increments(trace), served["response_ids"][0]) \
+        if len(served["response_ids"]) == 1 else None
+    if increments is None:
+        return {"match": False, "why": f"no single traced stage-1 request for {served['response_ids']}"}
+    try:
+        expected, margin = reference.audio(wav, ids, increments)
+    except ValueError as error:
+        return {"match": False, "why": str(error)}
     check = {"served_samples": int(audio.size), "expected_samples": int(expected.size), "min_margin": margin,
              "tiny_margin": margin < MARGIN}
     if audio.size == expected.size:
@@ -279,6 +281,7 @@ def run(workdir: Path, timeout: float) -> dict:
     reference = Reference(checkpoint)
     result: dict = {}
     log_path = workdir / "server.log"
+    trace = workdir / "server.log.trace.jsonl"
     try:
         with pipeline_server(checkpoint, workdir, timeout, result) as (base, server):
             wavs = {i: question(i) for i in range(8)}
@@ -287,7 +290,7 @@ def run(workdir: Path, timeout: float) -> dict:
             for n in (1, 4, 8):
                 served = concurrent(base, [{"wav": wavs[i], "seed": 100 * n + i} for i in range(n)])
                 for i, s in enumerate(served):
-                    s["check"] = compare(reference, wavs[i], s)
+                    s["check"] = compare(reference, wavs[i], s, trace)
                 result["load"][str(n)] = served
             # a client that disconnects after its first text chunk, 3 others beside it
             jobs = [{"wav": wavs[i], "seed": 900 + i} for i in range(4)]
@@ -297,11 +300,11 @@ def run(workdir: Path, timeout: float) -> dict:
                 if i == 0:
                     s.pop("_audio")
                 else:
-                    s["check"] = compare(reference, wavs[i], s)
+                    s["check"] = compare(reference, wavs[i], s, trace)
             # the closed stream's state must be freed in stage 1 (and the others' too), with nothing left active
             freed = settle(log_path, [rid for s in served for rid in s["response_ids"]])
             later = stream_one(base, wavs[5], seed=999)
-            later["check"] = compare(reference, wavs[5], later)
+            later["check"] = compare(reference, wavs[5], later, trace)
             result["disconnect"] = {"streams": served, "later": later, "server_up": server.poll() is None,
                                     "freed": freed}
             # bad audio, one at a time; after each: does the server still list its model?

@@ -3,12 +3,13 @@
 - stage 1 (serving/llama_omni_unit2wav.py) fed like the engine feeds it (runtime_additional_information, two
   requests, three chunks, the last one `stream_finished`) returns exactly BatchedUnit2Wav's audio on the model's
   own weights, and frees every request; the stage-0 producer sends the last prompt row and one row per generated
-  token, holding the newest back until the request finishes;
+  token, holding the newest back until the request finishes, and coalesces rows sent within its interval;
 - end to end (serving/e2e_check.py): `python -m serving.pipeline serve` on a tiny checkpoint on 127.0.0.1, one
   spoken question streamed with llama_omni_hf.omni_client: the text equals in-process greedy `generate`'s, 16 kHz
-  audio arrives and equals BatchedUnit2Wav on the in-process final-norm rows (to 16-bit WAV rounding), the server
+  audio arrives and equals BatchedUnit2Wav on the in-process final-norm rows fed in the increments stage 1
+  consumed (the producer coalesces rows by time; the server's trace says how), to 16-bit WAV rounding, the server
   stopped by PID leaves no process; then a restart: stopped by SIGTERM (status 0), the same command on the same
-  port serves the same answer (text and audio). (Shared-memory segments left in /dev/shm are recorded, not
+  port serves the same text, its audio again equal to the replay of its own increments. (Shared-memory segments left in /dev/shm are recorded, not
   asserted: vLLM 0.30's CPU executor leaves one or two of its message-queue segments behind at every stop, by
   whatever signal, and other servers on the machine make the count unattributable.)
 Skipped, with the reason, without the serving environment (as tests/test_serving_platform.py)."""
@@ -85,18 +86,24 @@ class Request:
     prompt_token_ids = [1, 2, 3, 4, 5]
     def __init__(self): self.done = False
     def is_finished(self): return self.done
-manager = types.SimpleNamespace(request_payload={})
-request = Request()
-sent = []
-for n, last in ((3, False), (2, False), (1, False), (1, False), (1, True)):
-    request.done = last
-    base = manager.request_payload.get("x", {}).get("_llama_omni_rows", {}).get("seen", 0)
-    hidden = torch.arange(base, base + n, dtype=torch.float32)[:, None].repeat(1, H)
-    payload = thinker_rows_async_chunk(manager, {"hidden": hidden}, request, is_finished=last)
-    if payload is not None:
-        sent.append(([int(v) for v in payload.codes.audio[:, 0]], bool(payload.meta.stream_finished)))
+import os
+def produce(interval):
+    os.environ["LLAMA_OMNI_SEND_INTERVAL_S"] = interval
+    manager = types.SimpleNamespace(request_payload={})
+    request = Request()
+    sent = []
+    for n, last in ((3, False), (2, False), (1, False), (1, False), (1, True)):
+        request.done = last
+        base = manager.request_payload.get("x", {}).get("_llama_omni_rows", {}).get("seen", 0)
+        hidden = torch.arange(base, base + n, dtype=torch.float32)[:, None].repeat(1, H)
+        payload = thinker_rows_async_chunk(manager, {"hidden": hidden}, request, is_finished=last)
+        if payload is not None:
+            sent.append(([int(v) for v in payload.codes.audio[:, 0]], bool(payload.meta.stream_finished)))
+    return sent
+sent, coalesced = produce("0"), produce("3600")
 print("RESULT " + json.dumps({"loaded": len(loaded), "diffs": diffs, "lengths": lengths,
-                              "active": stage.engine.num_active, "sent": sent, "lifecycle": lifecycle}))
+                              "active": stage.engine.num_active, "sent": sent, "coalesced": coalesced,
+                              "lifecycle": lifecycle}))
 """
 
 
@@ -124,6 +131,8 @@ def test_unit2wav_stage_equals_batched_unit2wav_and_producer_sends_the_right_row
     # rows 0..2 and 3..4 are the prompt's (only row 4, the last, is kept); rows 5, 6, 7 come one per step;
     # each emission but the last keeps the newest row back
     assert result["sent"] == [[[4], False], [[5], False], [[6, 7], True]]
+    # with a send interval no step reaches, only the first send goes at once and the rest waits for the end
+    assert result["coalesced"] == [[[4], False], [[5, 6, 7], True]]
     # the runner's ids key the state; abort frees; nothing restarts a freed request
     assert result["lifecycle"] == {"keyed": ["stage-a", "stage-b"], "after_abort": ["stage-b"], "stale": 0,
                                    "stale_after_finish": 0, "active": 0}, result["lifecycle"]
@@ -137,12 +146,15 @@ def test_served_text_equals_in_process_generate_and_audio_arrives(serve_venv, tm
     assert "error" not in result, result.get("log_tail")
     assert served["text"] == result["expected"]["text"], result
     assert served["audio_samples"] > 0 and served["rates"] == [16000], result
-    # the streamed audio is BatchedUnit2Wav's on the in-process final-norm rows, up to 16-bit WAV encoding
-    assert served["audio_samples"] == result["expected"]["audio_samples"], result
-    assert result["audio_max_diff"] <= 1e-4, result
+    # the streamed audio is BatchedUnit2Wav's on the in-process final-norm rows fed in the increments stage 1
+    # consumed (the server's trace), up to 16-bit WAV encoding; every row exactly once, the last step finishing
+    audio = result["audio"]
+    assert audio["expected_samples"] == served["audio_samples"] and audio["max_diff"] <= 1e-4, audio
+    assert audio["match"] and audio["units"] > 0, audio
     # the restart
     again = result["restart"]
     assert result["server_exit"] == 0 and again["server_exit"] == 0, result
     assert not again["left_running"], again
-    assert again["served"]["text"] == served["text"] and again["same_audio"], again
+    assert again["served"]["text"] == served["text"], again
+    assert again["audio"]["match"] and again["audio"]["max_diff"] <= 1e-4, again
     assert run.returncode == 0
