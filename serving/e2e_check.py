@@ -152,6 +152,22 @@ def ask(base: str, wav: np.ndarray) -> tuple[dict, np.ndarray]:
         served_audio
 
 
+def worker_cpus(server_pid: int) -> dict[str, list[str]]:
+    """The CPUs each of the server's model workers (the stage processes' `VLLM::Worker`) may run on, per thread."""
+    cpus = {}
+    for pid in group_members(server_pid):
+        try:
+            if "VLLM::Worker" not in Path(f"/proc/{pid}/cmdline").read_text():
+                continue
+            threads = Path(f"/proc/{pid}/task").iterdir()
+            cpus[str(pid)] = sorted({line.split(":", 1)[1].strip() for t in threads
+                                     for line in (t / "status").read_text().splitlines()
+                                     if line.startswith("Cpus_allowed_list")})
+        except OSError:
+            continue
+    return cpus
+
+
 def shared_memory_names() -> set[str]:
     """What /dev/shm holds now (the stages exchange rows through shared memory segments)."""
     shm = Path("/dev/shm")
@@ -187,8 +203,9 @@ def run(workdir: Path, timeout: float, restart: bool = False) -> dict:
     log_path = workdir / "server.log"
     shm_before = shared_memory_names()
     try:
-        with pipeline_server(checkpoint, workdir, timeout, result) as (base, _):
+        with pipeline_server(checkpoint, workdir, timeout, result) as (base, server):
             result["served"], served_audio = ask(base, wav)
+            result["worker_cpus"] = worker_cpus(server.pid)
         result["audio"] = check_audio(expected, result["served"], served_audio, workdir / "server.log.trace.jsonl")
         np.save(workdir / "served_audio.npy", served_audio)
         if restart:

@@ -17,6 +17,7 @@ Skipped, with the reason, without the serving environment (as tests/test_serving
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -151,6 +152,12 @@ def test_served_text_equals_in_process_generate_and_audio_arrives(serve_venv, tm
     audio = result["audio"]
     assert audio["expected_samples"] == served["audio_samples"] and audio["max_diff"] <= 1e-4, audio
     assert audio["match"] and audio["units"] > 0, audio
+    # the two stage workers are not pinned to one and the same core (vLLM's "auto" OMP binding would put both on
+    # core 0: the CPU deploy config sets nobind)
+    workers = result["worker_cpus"]
+    assert len(workers) == 2, workers
+    if (os.cpu_count() or 1) > 1:
+        assert not all(cpus == ["0"] for cpus in workers.values()), workers
     # the restart
     again = result["restart"]
     assert result["server_exit"] == 0 and again["server_exit"] == 0, result
