@@ -196,6 +196,9 @@ def summarize(records: list[dict], wall: float) -> dict:
         values = [r[key] for r in ok if r.get(key) is not None]
         out[key.replace("_s", "")] = {"median": percentile(values, 50), "p90": percentile(values, 90),
                                       "n": len(values)}
+    # speech that starts while the text is still coming (the point of streaming both)
+    out["audio_before_text_end"] = sum(1 for r in ok if r.get("first_audio_s") is not None
+                                       and r.get("last_text_s") is not None and r["first_audio_s"] < r["last_text_s"])
     return out
 
 
@@ -243,6 +246,8 @@ def vllm_stream(base: str, wav: np.ndarray, max_tokens: int, t0: float) -> dict:
             text += chunk.text
             if record["first_text_s"] is None and text.strip():  # the app's rule for "first text"
                 record["first_text_s"] = now
+            if chunk.text:
+                record["last_text_s"] = now
             if len(chunk.audio):
                 record["first_audio_s"] = record["first_audio_s"] if record["first_audio_s"] is not None else now
                 record["audio_samples"] += len(chunk.audio)
@@ -300,13 +305,19 @@ def vllm_worker(args) -> int:
     return 0 if "error" not in result else 1
 
 
+def server_threads(threads: int) -> int:
+    """OpenMP threads per stage worker: the server computes in two worker processes (thinker, unit2wav), unpinned
+    (the CPU deploy config), so each gets half of the app's threads; more only oversubscribes the cores."""
+    return max(1, threads // 2)
+
+
 def run_vllm_side(size: str, workdir: Path, args) -> dict:
     """The .venv-serve child for one size; stopped (and with it the server, by its own `finally`) on any exit."""
     out = workdir / f"vllm-{size}.json"
     command = [str(SERVE_PYTHON), str(Path(__file__).resolve()), "--worker", "--size", size,
                "--workdir", str(workdir), "--out", str(out), "--streams", args.streams,
                "--max-tokens", str(max_tokens_for(size, args)), "--server-timeout", str(args.server_timeout)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(server_threads(args.threads)), HF_HUB_OFFLINE="1")
     child = subprocess.Popen(command, cwd=REPO, env=env)
     try:
         child.wait()
@@ -371,11 +382,14 @@ def run_inprocess_side(size: str, checkpoint: Path, workdir: Path, args) -> dict
                     continue
                 if record["first_text_s"] is None and update.text.strip():
                     record["first_text_s"] = now
+                if update.text != record.get("_text"):
+                    record["_text"], record["last_text_s"] = update.text, now
                 if record["first_audio_s"] is None and update.samples:
                     record["first_audio_s"] = now
                 record["tokens"], record["audio_samples"], record["last_s"] = update.tokens, update.samples, now
         if newest.get(me) is None or not newest[me].done:
             record["error"] = "the answer did not finish (see the app's notice)"
+        record.pop("_text", None)
         return record
 
     result["warmup"] = ask(max(levels), time.monotonic())
@@ -401,6 +415,7 @@ def brief(summary: dict) -> str:
     return (f"{summary['requests_per_s'] or 0:.2f} req/s, {summary['tokens_per_s'] or 0:.1f} tok/s, first text "
             f"{_seconds(summary['first_text']['median'])}/{_seconds(summary['first_text']['p90'])} s, first audio "
             f"{_seconds(summary['first_audio']['median'])}/{_seconds(summary['first_audio']['p90'])} s"
+            + f", speech before text end {summary.get('audio_before_text_end', '-')}/{summary['streams']}"
             + (f", {summary['errors']} errors" if summary["errors"] else ""))
 
 
@@ -430,12 +445,14 @@ def table_rows(size_result: dict) -> list[list[str]]:
                          f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "-",
                          _seconds(s["first_text"]["median"]), _seconds(s["first_text"]["p90"]),
                          _seconds(s["first_audio"]["median"]), _seconds(s["first_audio"]["p90"]),
+                         (f"{s['audio_before_text_end']}/{s['streams'] - s['errors']}"
+                          if "audio_before_text_end" in s else "-"),
                          str(s["errors"])])
     return rows
 
 
 HEADER = ["path", "streams", "req/s", "tok/s", "first text median s", "first text p90 s", "first audio median s",
-          "first audio p90 s", "errors"]
+          "first audio p90 s", "speech before text end", "errors"]
 
 
 def ratio_lines(size_result: dict) -> list[str]:
@@ -491,7 +508,7 @@ def settings_line(report: dict) -> str:
     serve = system.get("serve_versions") or {}
     return (f"{report['date']}: {system['cpu']}, {system['logical_cpus']} logical CPUs, load average "
             f"{system['load_start']} at the start and {system.get('load_end')} at the end; {s['threads']} torch "
-            f"thread(s) per process, OMP_WAIT_POLICY={system['omp_wait_policy']}; app: torch {system['torch']}, "
+            f"thread(s) in the app, {server_threads(s['threads'])} per server stage worker, OMP_WAIT_POLICY={system['omp_wait_policy']}; app: torch {system['torch']}, "
             f"transformers {system['transformers']}, gradio {system['gradio']}; server: "
             + ", ".join(f"{k} {v}" for k, v in serve.items())
             + f"; streams {s['streams']}; greedy, fixed-length answers; Omega {CHUNK_SIZE}; "
@@ -523,7 +540,8 @@ def markdown_section(report: dict) -> str:
         "`Handlers.respond` over `Assistant.answer` (the model's `generate_stream`), with a FIFO gate for the "
         "Gradio queue's `concurrency_limit=1` (Gradio's HTTP layer not timed), run after the server has stopped. "
         "Times are from the request being sent (the in-process queue wait counts); first text = the answer's text "
-        "is non-blank; req/s and tok/s = requests and answer tokens over the wall time of the level. Greedy, "
+        "is non-blank; speech before text end = streams whose first audio came before their last text; req/s "
+        "and tok/s = requests and answer tokens over the wall time of the level. Greedy, "
         "fixed-length answers (`ignore_eos` / `min_new_tokens`); one untimed warm-up answer per path. Random "
         "weights: the unit rate is the random unit decoder's, not the release's (~8 per token).",
         MARK_END]
@@ -574,8 +592,8 @@ def parse_args(argv=None):
     parser.add_argument("--mid-max-tokens", type=int, default=None, help="answer length for the mid size "
                         "(default: --max-tokens)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads of the in-process app and OMP_NUM_THREADS of the server "
-                             "(default: every logical CPU, as the app runs)")
+                        help="torch threads of the in-process app (default: every logical CPU, as the app runs); "
+                             "the server's two stage workers get half of them each (OMP_NUM_THREADS)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "serving_results.json")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="replace (or append) the serving-benchmark section of this file")
