@@ -54,11 +54,19 @@ def in_process_answer(checkpoint: Path, wav: np.ndarray) -> dict:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     text_ids = [i for i in ids if i not in eos]
-    with torch.no_grad():
-        embeds = model._embed_with_speech(out[:, :-1], inputs["input_features"])
-        states = model.model(inputs_embeds=embeds).last_hidden_state[0]  # after the final norm
     return {"ids": ids, "text": processor.tokenizer.decode(text_ids, skip_special_tokens=True),
-            "rows": states[prompt_len - 1:], "model": model}
+            "rows": stage1_rows(model, out, inputs["input_features"], prompt_len), "model": model}
+
+
+def stage1_rows(model, sequence, input_features, prompt_len: int):
+    """Teacher forcing of one prompt + answer `sequence` [1, T]: the final-norm rows stage 1 gets (the last prompt
+    row, then one per answer token but the last)."""
+    import torch
+
+    with torch.no_grad():
+        embeds = model._embed_with_speech(sequence[:, :-1], input_features)
+        states = model.model(inputs_embeds=embeds).last_hidden_state[0]  # after the final norm
+    return states[prompt_len - 1:]
 
 
 def served_increments(trace: Path) -> dict[str, list[tuple[int, bool]]]:

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.e2e_check import increments_for, pipeline_server, question, replay, served_increments
+from serving.e2e_check import (increments_for, pipeline_server, question, replay, served_increments,
+                               stage1_rows)
 
 MAX_TOKENS = 24
 MARGIN = 1e-3  # CTC top-1/top-2 logit margin below which a served unit may legitimately differ
@@ -157,10 +158,7 @@ class Reference:
         prompt_len = prompt.shape[1]
         full = torch.cat([prompt, torch.tensor([ids], dtype=prompt.dtype)], dim=1)
         self.margins = []
-        with torch.no_grad():
-            embeds = self.model._embed_with_speech(full[:, :-1], inputs["input_features"])
-            states = self.model.model(inputs_embeds=embeds).last_hidden_state[0]
-        rows = states[prompt_len - 1:]  # the last prompt row, then one per answer token but the last
+        rows = stage1_rows(self.model, full, inputs["input_features"], prompt_len)
         audio, _ = replay(self.model, rows, increments)  # in the increments stage 1 consumed them
         return audio, (min(self.margins) if self.margins else float("inf"))
 

@@ -19,11 +19,11 @@ DEPLOY_CONFIG = DEPLOY_DIR / "llama_omni_cpu.yaml"  # vLLM's CPU backend (vllm-c
 CUDA_DEPLOY_CONFIG = DEPLOY_DIR / "llama_omni_cuda.yaml"  # one NVIDIA GPU; llama_omni_cuda_tp2.yaml: three
 
 
-def answer_ids_input(source_outputs, prompt=None, _requires_multimodal_data=False):
-    """Stage 1's request for a finished stage-0 answer (the sync path; the rows come through the connector)."""
-    from vllm_omni.inputs.data import OmniTokensPrompt
-
-    inputs = []
+def finished_answers(source_outputs) -> list[list[int]]:
+    """The answer token ids of each finished stage-0 output. A streamed chat request makes stage 0's outputs
+    deltas (`token_ids` then holds the last token only): the whole answer is in `cumulative_token_ids`, which may
+    start with the prompt (as vllm_omni/model_executor/stage_input_processors/audex.py reads it)."""
+    answers = []
     for source in source_outputs:
         if not source.finished:
             continue
@@ -31,9 +31,16 @@ def answer_ids_input(source_outputs, prompt=None, _requires_multimodal_data=Fals
         prompt_ids = list(source.prompt_token_ids or [])
         if prompt_ids and answer[:len(prompt_ids)] == prompt_ids:
             answer = answer[len(prompt_ids):]
-        inputs.append(OmniTokensPrompt(prompt_token_ids=answer or [0], multi_modal_data=None,
-                                       mm_processor_kwargs=None, additional_information=None))
-    return inputs
+        answers.append(answer)
+    return answers
+
+
+def answer_ids_input(source_outputs, prompt=None, _requires_multimodal_data=False):
+    """Stage 1's request for a finished stage-0 answer (the sync path; the rows come through the connector)."""
+    from vllm_omni.inputs.data import OmniTokensPrompt
+
+    return [OmniTokensPrompt(prompt_token_ids=answer or [0], multi_modal_data=None, mm_processor_kwargs=None,
+                             additional_information=None) for answer in finished_answers(source_outputs)]
 
 
 def register_llama_omni_pipeline() -> None:

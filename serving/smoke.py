@@ -140,23 +140,14 @@ def __getattr__(name):  # serving/models.py registers these as "serving.smoke:NA
 
 
 def answer_to_wave_input(source_outputs, prompt=None, _requires_multimodal_data=False):
-    """Stage 0 -> stage 1 (sync): each finished answer's token ids become stage 1's prompt. A streamed chat
-    request makes stage 0's outputs deltas (`token_ids` then holds the last token only): the whole answer is in
-    `cumulative_token_ids`, which may start with the prompt (as vllm_omni/model_executor/stage_input_processors/
-    audex.py reads it)."""
+    """Stage 0 -> stage 1 (sync): each finished answer's token ids (serving.pipeline.finished_answers) become
+    stage 1's prompt."""
     from vllm_omni.inputs.data import OmniTokensPrompt
 
-    inputs = []
-    for source in source_outputs:
-        if not source.finished:
-            continue
-        answer = list(getattr(source.outputs[0], "cumulative_token_ids", None) or source.outputs[0].token_ids)
-        prompt_ids = list(source.prompt_token_ids or [])
-        if prompt_ids and answer[:len(prompt_ids)] == prompt_ids:
-            answer = answer[len(prompt_ids):]
-        inputs.append(OmniTokensPrompt(prompt_token_ids=answer, multi_modal_data=None, mm_processor_kwargs=None,
-                                       additional_information=None))
-    return inputs
+    from serving.pipeline import finished_answers
+
+    return [OmniTokensPrompt(prompt_token_ids=answer, multi_modal_data=None, mm_processor_kwargs=None,
+                             additional_information=None) for answer in finished_answers(source_outputs)]
 
 
 def build_tiny_llama(directory: Path) -> Path:
