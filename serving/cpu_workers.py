@@ -46,8 +46,31 @@ class _OmniCPUWorker(OmniWorkerMixin, CPUWorker):
         logger.info("%s: %s (serving/cpu_workers.py)", type(self).__name__, type(self.model_runner).__name__)
 
 
+def check_no_chunked_prefill(vllm_config) -> None:
+    """Refuse an autoregressive CPU stage whose scheduler may split a prompt over steps.
+
+    After a partial prefill vLLM rewinds the request's seeded sampling generator by 4 Philox steps
+    (vllm/v1/worker/gpu_model_runner.py, `_bookkeeping_sync`: `gen.set_offset(gen.get_offset() - 4)`), which a
+    CPU torch.Generator cannot do: "RuntimeError: CPU Generator does not use offset" kills the stage, and with it
+    every request on the server, the first time a request with a `seed` has its prompt split (e.g. 8 questions
+    of ~400 tokens arriving in the same step under max_num_batched_tokens 2048). Failing at startup says why.
+    """
+    scheduler = vllm_config.scheduler_config
+    if scheduler.enable_chunked_prefill:
+        raise ValueError(
+            "this autoregressive stage runs on vLLM's CPU backend with chunked prefill on: a request with a "
+            "`seed` whose prompt is split over steps would crash the stage (vLLM rewinds its sampling generator, "
+            "which CPU generators cannot do). Set `enable_chunked_prefill: false` and `max_num_batched_tokens` "
+            f">= max_model_len ({vllm_config.model_config.max_model_len}) for this stage in the deploy config, as "
+            "serving/deploy/llama_omni_cpu.yaml does.")
+
+
 class CPUARWorker(_OmniCPUWorker):
     model_runner_cls = CPUARModelRunner
+
+    def init_device(self):
+        check_no_chunked_prefill(self.vllm_config)
+        super().init_device()
 
 
 class CPUGenerationWorker(_OmniCPUWorker):

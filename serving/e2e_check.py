@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,6 +137,22 @@ def pipeline_server(checkpoint: Path, workdir: Path, timeout: float, result: dic
             result["server_exit"] = stop(server)
             time.sleep(1)
             result["left_running"] = group_members(server.pid)
+            result["server_errors"] = server_errors(workdir / log_name)
+
+
+_ERROR_LINE = re.compile(r"^\S*(Error|Exception)\b.*:|is dead|fatal error")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def server_errors(log_path: Path, limit: int = 12) -> list[str]:
+    """The lines of a server log that name an exception or a dead stage, without their log prefixes, in order and
+    without repeats: the root cause of a failed request is there (the log tail only shows the shutdown)."""
+    seen: list[str] = []
+    for line in _ANSI.sub("", log_path.read_text(errors="replace")).splitlines():
+        message = re.sub(r"^\(.*?\)\s+(\w+\s+\d\d-\d\d \S+ \[\S+\]\s*)?", "", line).strip()
+        if _ERROR_LINE.search(message) and message not in seen:
+            seen.append(message[:400])
+    return seen[:limit]
 
 
 def ask(base: str, wav: np.ndarray) -> tuple[dict, np.ndarray]:

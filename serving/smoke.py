@@ -46,6 +46,7 @@ STAGE_YAML = """\
     max_num_seqs: 4
     max_model_len: 256
     max_num_batched_tokens: 256
+    enable_chunked_prefill: false  # serving/cpu_workers.py: a seeded request split over steps crashes a CPU stage
     dtype: float32
     enforce_eager: true        # no torch.compile: minutes on 2 cores for nothing here
     async_scheduling: false    # vLLM's CpuPlatform turns it off; the stage's scheduler must agree

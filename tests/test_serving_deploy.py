@@ -48,7 +48,8 @@ for path in sorted(DEPLOY_CONFIG.parent.glob("*.yaml")):
             "id": stage.stage_id, "devices": devices, "scheduler": stage.scheduler_cls.rsplit(".", 1)[-1],
             "unknown_keys": sorted(set(args) - known - {"inline_diffusion"}),
             **{k: args.get(k) for k in ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-                                        "async_scheduling", "enable_prefix_caching", "max_model_len")}})
+                                        "async_scheduling", "enable_prefix_caching", "max_model_len",
+                                        "enable_chunked_prefill", "max_num_batched_tokens")}})
     out["files"][path.name] = entry
 
 
@@ -91,6 +92,9 @@ def test_deploy_configs_load_merge_and_are_chosen_by_platform(serve_venv):
 
     cpu = files["llama_omni_cpu.yaml"]
     assert _stage(cpu, 0)["scheduler"] == "OmniARScheduler" and _stage(cpu, 0)["dtype"] == "float32"
+    # serving/cpu_workers.py: never split a prompt on the CPU (a seeded request would crash the stage)
+    assert _stage(cpu, 0)["enable_chunked_prefill"] is False
+    assert _stage(cpu, 0)["max_num_batched_tokens"] >= _stage(cpu, 0)["max_model_len"]
     cuda = files["llama_omni_cuda.yaml"]
     assert [s["devices"] for s in cuda["stages"]] == ["0", "0"]
     thinker = _stage(cuda, 0)

@@ -54,7 +54,7 @@ def serve_venv():
 
 
 CHECKS = """
-import importlib.metadata as md, importlib.util, json, sys
+import importlib.metadata as md, importlib.util, json, sys, types
 out = {"serving_imported_at_start": "serving" in sys.modules}  # llama_omni_serving_stubs.pth
 
 # stand-ins: probes see no torchvision; imports get a stand-in whose functions raise
@@ -88,6 +88,20 @@ for cls_path in (out["ar_worker"], out["generation_worker"]):
 import serving.cpu_workers as w
 out["mro"] = {name: [c.__name__ for c in getattr(w, name).__mro__]
               for name in ("CPUARModelRunner", "CPUGenerationModelRunner")}
+
+# why stage 0 refuses chunked prefill on the CPU: vLLM rewinds a seeded generator after a partial prefill
+try:
+    torch.Generator().set_offset(torch.Generator().get_offset() - 4)
+except RuntimeError as e:
+    out["cpu_generator_offset_error"] = str(e)
+def vllm_config(chunked):
+    return types.SimpleNamespace(scheduler_config=types.SimpleNamespace(enable_chunked_prefill=chunked),
+                                 model_config=types.SimpleNamespace(max_model_len=2048))
+try:
+    w.check_no_chunked_prefill(vllm_config(True))
+except ValueError as e:
+    out["chunked_prefill_refused"] = str(e)
+out["unchunked_accepted"] = w.check_no_chunked_prefill(vllm_config(False)) is None
 
 # on a GPU machine (vLLM's platform not the CPU) the plugin stays out of the way
 current_platform.is_cpu = lambda: False
@@ -132,6 +146,15 @@ def test_runner_order(checks, runner, omni):
     """vllm-omni's runner overrides first, then vLLM's CPU runner, then vLLM's GPU runner they both extend."""
     mro = checks["mro"][runner]
     assert mro.index(omni) < mro.index("CPUModelRunner") < mro.index("GPUModelRunner")
+
+
+def test_cpu_stage_0_refuses_chunked_prefill(checks):
+    """The CPU generator cannot rewind (what vLLM does to a seeded request after a partial prefill, so a split
+    prompt crashed stage 0 under load), so the CPU AR worker refuses chunked prefill at startup, saying what to set."""
+    assert "does not use offset" in checks["cpu_generator_offset_error"]
+    refused = checks["chunked_prefill_refused"]
+    assert "enable_chunked_prefill: false" in refused and ">= max_model_len (2048)" in refused
+    assert checks["unchunked_accepted"]
 
 
 def test_models_registered_in_both_registries(checks):
