@@ -48,6 +48,7 @@ from vllm.multimodal.processing import (
     BaseProcessingInfo,
     PromptReplacement,
 )
+from vllm.v1.sample.logits_processor import LogitsProcessor
 
 SAMPLING_RATE = 16000
 MAX_SECONDS = 30  # Whisper's window (LlamaOmniProcessor's MAX_SECONDS)
@@ -206,3 +207,34 @@ class LlamaOmniThinker(nn.Module, SupportsMultiModal, SupportsPP):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+class RefuseStopStrings(LogitsProcessor):
+    """A request-validation hook for stage 0 (`logits_processors` in the deploy configs); it leaves logits alone.
+
+    vLLM checks `stop` strings in the API server and, on a match, aborts the request in the engine that produced
+    the text (vllm/v1/engine/output_processor.py `reqs_to_abort`, vllm_omni/engine/stage_pool.py
+    `process_llm_raw_outputs`): with vllm-omni 0.30's async_chunk pipeline only stage 0 is aborted, stage 1 never
+    gets the end of its rows, and the answer never completes (the stream stays open after the text has stopped).
+    `validate_params` is vLLM's per-request check (SamplingParams.verify, run by the API server's input
+    processor), so such a request is refused at once with HTTP 400 instead. `stop_token_ids` are checked inside
+    the engine and end an answer normally."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        if sampling_params.stop:
+            raise ValueError(
+                "`stop` strings are not supported by the LLaMA-Omni speech pipeline on vllm-omni 0.30 (the speech "
+                "stage would never learn that the answer ended); use `stop_token_ids` instead")
+
+    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+        pass
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

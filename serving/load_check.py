@@ -189,12 +189,12 @@ def compare(reference: Reference, wav: np.ndarray, served: dict, trace: Path) ->
     return check
 
 
-def raw_post(base: str, content_part: dict, timeout: float = 120) -> dict:
-    """One request with a hand-made audio part, streamed; what came back."""
+def raw_post(base: str, content_part: dict, timeout: float = 120, **options) -> dict:
+    """One request with a hand-made audio part (and request `options`), streamed; what came back."""
     import httpx
 
     body = {"model": "tiny-omni", "messages": [{"role": "user", "content": [content_part]}],
-            "modalities": ["text", "audio"], "stream": True, "max_tokens": 8, "temperature": 0.0}
+            "modalities": ["text", "audio"], "stream": True, "max_tokens": 8, "temperature": 0.0, **options}
     t0 = time.monotonic()
     out: dict = {}
     try:
@@ -250,25 +250,26 @@ def settle(log_path: Path, expect_ids: list[str], timeout: float = 20.0) -> dict
         time.sleep(0.5)
 
 
-def bad_audio_cases() -> dict:
+def _b64_wav(samples, subtype="PCM_16") -> str:
     import soundfile
 
-    def b64_wav(samples, subtype="PCM_16"):
-        buffer = io.BytesIO()
-        soundfile.write(buffer, samples, 16000, format="WAV", subtype=subtype)
-        return base64.b64encode(buffer.getvalue()).decode()
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16000, format="WAV", subtype=subtype)
+    return base64.b64encode(buffer.getvalue()).decode()
 
+
+def bad_audio_cases() -> dict:
     def part(data):
         return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
 
     nan = question(7)
     nan[100:200] = np.nan
     return {
-        "zero_length_wav": part(b64_wav(np.zeros(0, np.float32))),
+        "zero_length_wav": part(_b64_wav(np.zeros(0, np.float32))),
         "corrupt_base64": part("!!!this is not base64@@@"),
         "non_wav_bytes": part(base64.b64encode(b"definitely not a RIFF file " * 40).decode()),
-        "over_30_s": part(b64_wav((0.1 * np.sin(np.arange(16000 * 31) / 10)).astype(np.float32))),
-        "nan_float_wav": part(b64_wav(nan, subtype="FLOAT")),
+        "over_30_s": part(_b64_wav((0.1 * np.sin(np.arange(16000 * 31) / 10)).astype(np.float32))),
+        "nan_float_wav": part(_b64_wav(nan, subtype="FLOAT")),
     }
 
 
@@ -314,6 +315,12 @@ def run(workdir: Path, timeout: float) -> dict:
                 response = raw_post(base, content_part)
                 response["server_up_after"] = server.poll() is None and alive(base)
                 result["bad_audio"][name] = response
+            # a valid question with `stop` strings: refused (serving/llama_omni_thinker.py RefuseStopStrings), where
+            # vllm-omni 0.30 would leave the answer open forever
+            question_part = {"type": "input_audio", "input_audio": {"data": _b64_wav(wavs[7]), "format": "wav"}}
+            response = raw_post(base, question_part, timeout=60, stop=["a"])
+            response["server_up_after"] = server.poll() is None and alive(base)
+            result["stop_strings"] = response
             final = stream_one(base, wavs[6], seed=4242) if server.poll() is None else {"error": "server down"}
             final.pop("_audio", None)
             result["final_request"] = {k: final.get(k) for k in ("text", "error", "audio_chunks", "finish_reason")}

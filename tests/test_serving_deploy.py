@@ -49,7 +49,7 @@ for path in sorted(DEPLOY_CONFIG.parent.glob("*.yaml")):
             "unknown_keys": sorted(set(args) - known - {"inline_diffusion"}),
             **{k: args.get(k) for k in ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
                                         "async_scheduling", "enable_prefix_caching", "max_model_len",
-                                        "enable_chunked_prefill", "max_num_batched_tokens")}})
+                                        "enable_chunked_prefill", "max_num_batched_tokens", "logits_processors")}})
     out["files"][path.name] = entry
 
 
@@ -88,6 +88,8 @@ def test_deploy_configs_load_merge_and_are_chosen_by_platform(serve_venv):
             assert stage["unknown_keys"] == [], (name, stage)
             assert stage["enable_prefix_caching"] is False, (name, stage)  # stage 1 needs every prompt row
         assert _stage(config, 1)["scheduler"] == "OmniGenerationScheduler", name
+        # stop strings would leave the answer open (vllm-omni aborts stage 0 only): refused by stage 0's hook
+        assert "serving.llama_omni_thinker:RefuseStopStrings" in (_stage(config, 0)["logits_processors"] or []), name
         assert _stage(config, 1)["dtype"] == "float32" and _stage(config, 1)["enforce_eager"], name
 
     cpu = files["llama_omni_cpu.yaml"]

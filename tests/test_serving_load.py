@@ -101,9 +101,19 @@ def test_the_server_answers_after_everything(load_result):
         (final, load_result.get("server_errors"))
 
 
-def test_the_server_logged_no_error_but_the_bad_audio_refusals(load_result):
+def test_stop_strings_are_refused_at_once(load_result):
+    """vllm-omni 0.30 aborts only stage 0 on a matched stop string, so the answer would never complete: refused at
+    once, saying what to use instead."""
+    response = load_result["stop_strings"]
+    # vllm-omni validates sampling parameters once the stream has begun: an error event, not an HTTP status
+    said = response.get("body", "") + " ".join(response.get("error_events", []))
+    assert response["clear_error"] and "stop_token_ids" in said, response
+    assert response["s"] < 30 and response["server_up_after"], response
+
+
+def test_the_server_logged_no_error_but_the_refusals(load_result):
     """A stage that dies (e.g. vLLM's CPU sampler on a split seeded prompt, serving/cpu_workers.py) fails here with
-    its root cause, whatever the requests saw; the only exceptions expected are the refused bad audio."""
-    expected = ("audio[0] ", "base64", "Invalid data found", "corrupted audio")
+    its root cause, whatever the requests saw; the only exceptions expected are the refused bad requests."""
+    expected = ("audio[0] ", "base64", "Invalid data found", "corrupted audio", "`stop` strings")
     unexpected = [line for line in load_result["server_errors"] if not any(tag in line for tag in expected)]
     assert unexpected == [], unexpected
