@@ -217,8 +217,9 @@ class RefuseStopStrings(LogitsProcessor):
     `process_llm_raw_outputs`): with vllm-omni 0.30's async_chunk pipeline only stage 0 is aborted, stage 1 never
     gets the end of its rows, and the answer never completes (the stream stays open after the text has stopped).
     `validate_params` is vLLM's per-request check (SamplingParams.verify, run by the API server's input
-    processor), so such a request is refused at once with HTTP 400 instead. `stop_token_ids` are checked inside
-    the engine and end an answer normally."""
+    processor), so such a request is refused at once instead: vllm-omni runs that check after the stream has begun,
+    so a streamed request gets an error event and a whole-answer one HTTP 500, both naming `stop_token_ids`, which
+    are checked inside the engine and end an answer normally."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:

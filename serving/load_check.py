@@ -258,18 +258,19 @@ def _b64_wav(samples, subtype="PCM_16") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def bad_audio_cases() -> dict:
-    def part(data):
-        return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+def _audio_part(data: str) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
 
+
+def bad_audio_cases() -> dict:
     nan = question(7)
     nan[100:200] = np.nan
     return {
-        "zero_length_wav": part(_b64_wav(np.zeros(0, np.float32))),
-        "corrupt_base64": part("!!!this is not base64@@@"),
-        "non_wav_bytes": part(base64.b64encode(b"definitely not a RIFF file " * 40).decode()),
-        "over_30_s": part(_b64_wav((0.1 * np.sin(np.arange(16000 * 31) / 10)).astype(np.float32))),
-        "nan_float_wav": part(_b64_wav(nan, subtype="FLOAT")),
+        "zero_length_wav": _audio_part(_b64_wav(np.zeros(0, np.float32))),
+        "corrupt_base64": _audio_part("!!!this is not base64@@@"),
+        "non_wav_bytes": _audio_part(base64.b64encode(b"definitely not a RIFF file " * 40).decode()),
+        "over_30_s": _audio_part(_b64_wav((0.1 * np.sin(np.arange(16000 * 31) / 10)).astype(np.float32))),
+        "nan_float_wav": _audio_part(_b64_wav(nan, subtype="FLOAT")),
     }
 
 
@@ -317,8 +318,7 @@ def run(workdir: Path, timeout: float) -> dict:
                 result["bad_audio"][name] = response
             # a valid question with `stop` strings: refused (serving/llama_omni_thinker.py RefuseStopStrings), where
             # vllm-omni 0.30 would leave the answer open forever
-            question_part = {"type": "input_audio", "input_audio": {"data": _b64_wav(wavs[7]), "format": "wav"}}
-            response = raw_post(base, question_part, timeout=60, stop=["a"])
+            response = raw_post(base, _audio_part(_b64_wav(wavs[7])), timeout=60, stop=["a"])
             response["server_up_after"] = server.poll() is None and alive(base)
             result["stop_strings"] = response
             final = stream_one(base, wavs[6], seed=4242) if server.poll() is None else {"error": "server down"}
